@@ -1,0 +1,446 @@
+"""The SQLite catalog: every SQL statement of the project lives here.
+
+The catalog is the source of truth of an index. It holds the model identity and index spec, one
+row per image, caption and text (FAISS ids are these rows' primary keys), and every item's full
+vector, so FAISS files can always be rebuilt or re-synced from it after a crash or a change of
+index kind. The schema is created by append-only migrations recorded in ``schema_version``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import (
+    ForeignKey,
+    LargeBinary,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
+
+from .errors import SchemaError
+
+IMAGE, CAPTION, TEXT = "image", "caption", "text"
+TEXT_KINDS = (CAPTION, TEXT)
+MODALITY_KINDS = {"image": (IMAGE,), "text": TEXT_KINDS}
+
+# Append-only: never edit a released entry, add a new one. Index i brings the schema to version i+1.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE index_meta (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        model_name TEXT NOT NULL,
+        pretrained TEXT NOT NULL,
+        checkpoint_sha256 TEXT,
+        checkpoint_path TEXT,
+        embed_dim INTEGER NOT NULL,
+        open_clip_version TEXT NOT NULL,
+        index_spec TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE roots (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        path TEXT NOT NULL UNIQUE,
+        indexed_at TEXT
+    );
+    CREATE TABLE items (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL CHECK (kind IN ('image', 'caption', 'text')),
+        root_id INTEGER REFERENCES roots(id) ON DELETE CASCADE,
+        path TEXT,
+        size INTEGER,
+        mtime_ns INTEGER,
+        sha256 TEXT,
+        width INTEGER,
+        height INTEGER,
+        text TEXT,
+        image_id INTEGER REFERENCES items(id) ON DELETE CASCADE,
+        origin TEXT,
+        line INTEGER,
+        error TEXT,
+        updated_at TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX ix_items_image_path ON items (root_id, path) WHERE kind = 'image';
+    CREATE INDEX ix_items_sha256 ON items (kind, sha256);
+    CREATE INDEX ix_items_image_id ON items (image_id);
+    CREATE INDEX ix_items_origin ON items (root_id, origin);
+    CREATE TABLE vectors (
+        item_id INTEGER PRIMARY KEY REFERENCES items(id) ON DELETE CASCADE,
+        data BLOB NOT NULL
+    );
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SchemaVersion(Base):
+    __tablename__ = "schema_version"
+    version: Mapped[int] = mapped_column(primary_key=True)
+    applied_at: Mapped[str]
+
+
+class IndexMetaRow(Base):
+    __tablename__ = "index_meta"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_name: Mapped[str]
+    pretrained: Mapped[str]
+    checkpoint_sha256: Mapped[str | None]
+    checkpoint_path: Mapped[str | None]
+    embed_dim: Mapped[int]
+    open_clip_version: Mapped[str]
+    index_spec: Mapped[str]
+    created_at: Mapped[str]
+
+
+class RootRow(Base):
+    __tablename__ = "roots"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    path: Mapped[str]
+    indexed_at: Mapped[str | None]
+
+
+class ItemRow(Base):
+    __tablename__ = "items"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str]
+    root_id: Mapped[int | None] = mapped_column(ForeignKey("roots.id"))
+    path: Mapped[str | None]
+    size: Mapped[int | None]
+    mtime_ns: Mapped[int | None]
+    sha256: Mapped[str | None]
+    width: Mapped[int | None]
+    height: Mapped[int | None]
+    text: Mapped[str | None]
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("items.id"))
+    origin: Mapped[str | None]
+    line: Mapped[int | None]
+    error: Mapped[str | None]
+    updated_at: Mapped[str]
+
+
+class VectorRow(Base):
+    __tablename__ = "vectors"
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+@dataclass(frozen=True)
+class IndexMeta:
+    model_name: str
+    pretrained: str
+    checkpoint_sha256: str | None
+    checkpoint_path: str | None
+    embed_dim: int
+    open_clip_version: str
+    index_spec: str  # JSON, owned by indexer.vectors.IndexSpec
+    created_at: str
+
+
+@dataclass(frozen=True)
+class ImageState:
+    """What the catalog knows of an image file, enough to decide whether to re-encode it."""
+
+    id: int
+    rel: str
+    size: int | None
+    mtime_ns: int | None
+    sha256: str | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class TextState:
+    id: int
+    origin: str | None
+    image_id: int | None
+    text: str
+
+
+@dataclass
+class ImageWrite:
+    """An image row to insert (``id`` None) or overwrite, with its vector or its error."""
+
+    rel: str
+    size: int
+    mtime_ns: int
+    sha256: str | None
+    width: int | None = None
+    height: int | None = None
+    vector: np.ndarray | None = None
+    error: str | None = None
+    id: int | None = None
+
+
+@dataclass
+class TextWrite:
+    kind: str
+    text: str
+    sha256: str
+    origin: str
+    line: int
+    image_id: int | None
+    vector: np.ndarray
+
+
+@dataclass(frozen=True)
+class ItemView:
+    """An item as search results and ``info`` show it; ``path`` is absolute (the image's, for captions)."""
+
+    id: int
+    kind: str
+    path: str | None
+    text: str | None
+    image_id: int | None
+    origin: str | None
+    width: int | None
+    height: int | None
+    error: str | None
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _blob(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+
+
+def _chunks(values: Sequence[int], size: int = 900) -> Iterator[Sequence[int]]:
+    # SQLite limits bound parameters per statement; stay well under the historic 999.
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+class Catalog:
+    """One SQLite file. Each public method is one transaction."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.engine: Engine = create_engine(f"sqlite:///{self.path}", future=True)
+        event.listen(self.engine, "connect", _configure_connection)
+        self._migrate()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- schema -------------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        """Bring the schema up to date; older index files are upgraded in place, newer ones refused."""
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+            )
+            current = conn.execute(select(func.max(SchemaVersion.version))).scalar() or 0
+        if current > SCHEMA_VERSION:
+            raise SchemaError(
+                f"{self.path} has schema version {current}, newer than this crossmodal understands "
+                f"({SCHEMA_VERSION}); upgrade crossmodal-search"
+            )
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            raw = self.engine.raw_connection()
+            try:
+                # executescript commits on its own; wrap it so a version is recorded with its DDL.
+                record = f"INSERT INTO schema_version VALUES ({version}, '{utc_now()}')"
+                script = f"BEGIN; {MIGRATIONS[version - 1]}; {record}; COMMIT;"
+                raw.driver_connection.executescript(script)
+            finally:
+                raw.close()
+
+    def schema_version(self) -> int:
+        with Session(self.engine) as s:
+            return s.scalar(select(func.max(SchemaVersion.version))) or 0
+
+    # -- meta ---------------------------------------------------------------------------------
+    def meta(self) -> IndexMeta | None:
+        with Session(self.engine) as s:
+            row = s.get(IndexMetaRow, 1)
+            if row is None:
+                return None
+            return IndexMeta(row.model_name, row.pretrained, row.checkpoint_sha256, row.checkpoint_path,
+                             row.embed_dim, row.open_clip_version, row.index_spec, row.created_at)
+
+    def set_meta(self, meta: IndexMeta) -> None:
+        with Session(self.engine) as s, s.begin():
+            s.merge(IndexMetaRow(id=1, **meta.__dict__))
+
+    # -- roots --------------------------------------------------------------------------------
+    def root_id(self, root: Path) -> int:
+        key = str(root)
+        with Session(self.engine) as s, s.begin():
+            found = s.scalar(select(RootRow.id).where(RootRow.path == key))
+            if found is not None:
+                return found
+            return s.scalar(insert(RootRow).values(path=key).returning(RootRow.id))
+
+    def mark_root_indexed(self, root_id: int) -> None:
+        with Session(self.engine) as s, s.begin():
+            s.execute(update(RootRow).where(RootRow.id == root_id).values(indexed_at=utc_now()))
+
+    def roots(self) -> list[str]:
+        with Session(self.engine) as s:
+            return list(s.scalars(select(RootRow.path).order_by(RootRow.id)))
+
+    # -- images -------------------------------------------------------------------------------
+    def image_states(self, root_id: int) -> dict[str, ImageState]:
+        q = select(ItemRow.id, ItemRow.path, ItemRow.size, ItemRow.mtime_ns, ItemRow.sha256, ItemRow.error).where(
+            ItemRow.kind == IMAGE, ItemRow.root_id == root_id
+        )
+        with Session(self.engine) as s:
+            return {row.path: ImageState(*row) for row in s.execute(q)}
+
+    def write_images(self, root_id: int, writes: Sequence[ImageWrite]) -> list[int]:
+        """Insert or overwrite image rows and their vectors; returns the ids in order."""
+        ids: list[int] = []
+        now = utc_now()
+        with Session(self.engine) as s, s.begin():
+            for w in writes:
+                values = dict(kind=IMAGE, root_id=root_id, path=w.rel, size=w.size, mtime_ns=w.mtime_ns,
+                              sha256=w.sha256, width=w.width, height=w.height, error=w.error, updated_at=now)
+                if w.id is None:
+                    item_id = s.scalar(insert(ItemRow).values(**values).returning(ItemRow.id))
+                else:
+                    item_id = w.id
+                    s.execute(update(ItemRow).where(ItemRow.id == item_id).values(**values))
+                    s.execute(delete(VectorRow).where(VectorRow.item_id == item_id))
+                if w.vector is not None:
+                    s.execute(insert(VectorRow).values(item_id=item_id, data=_blob(w.vector)))
+                ids.append(item_id)
+        return ids
+
+    def update_image_files(self, changes: Iterable[tuple[int, str, int, int]]) -> None:
+        """Record a new path/size/mtime for images whose content is unchanged (touched or moved)."""
+        now = utc_now()
+        with Session(self.engine) as s, s.begin():
+            for item_id, rel, size, mtime_ns in changes:
+                s.execute(update(ItemRow).where(ItemRow.id == item_id)
+                          .values(path=rel, size=size, mtime_ns=mtime_ns, updated_at=now))
+
+    def delete_items(self, ids: Sequence[int]) -> list[int]:
+        """Delete items, the captions linked to them, and their vectors; returns every deleted id."""
+        deleted: list[int] = []
+        with Session(self.engine) as s, s.begin():
+            for chunk in _chunks(list(ids)):
+                linked = list(s.scalars(select(ItemRow.id).where(ItemRow.image_id.in_(chunk))))
+                everything = list(chunk) + linked
+                s.execute(delete(VectorRow).where(VectorRow.item_id.in_(everything)))
+                s.execute(delete(ItemRow).where(ItemRow.id.in_(linked)))
+                s.execute(delete(ItemRow).where(ItemRow.id.in_(chunk)))
+                deleted.extend(everything)
+        return deleted
+
+    def vector_for_hash(self, modality: str, sha256: str) -> np.ndarray | None:
+        """A stored vector of any item of ``modality`` with this content hash (for encode-once)."""
+        q = (select(VectorRow.data).join(ItemRow, ItemRow.id == VectorRow.item_id)
+             .where(ItemRow.kind.in_(MODALITY_KINDS[modality]), ItemRow.sha256 == sha256).limit(1))
+        with Session(self.engine) as s:
+            data = s.scalar(q)
+        return None if data is None else np.frombuffer(data, dtype=np.float32).copy()
+
+    # -- texts --------------------------------------------------------------------------------
+    def text_states(self, root_id: int) -> list[TextState]:
+        q = select(ItemRow.id, ItemRow.origin, ItemRow.image_id, ItemRow.text).where(
+            ItemRow.kind.in_(TEXT_KINDS), ItemRow.root_id == root_id
+        )
+        with Session(self.engine) as s:
+            return [TextState(*row) for row in s.execute(q)]
+
+    def write_texts(self, root_id: int, writes: Sequence[TextWrite]) -> list[int]:
+        ids = []
+        now = utc_now()
+        with Session(self.engine) as s, s.begin():
+            for w in writes:
+                item_id = s.scalar(insert(ItemRow).values(
+                    kind=w.kind, root_id=root_id, text=w.text, sha256=w.sha256, origin=w.origin, line=w.line,
+                    image_id=w.image_id, updated_at=now).returning(ItemRow.id))
+                s.execute(insert(VectorRow).values(item_id=item_id, data=_blob(w.vector)))
+                ids.append(item_id)
+        return ids
+
+    # -- vectors ------------------------------------------------------------------------------
+    def vector_ids(self, modality: str) -> np.ndarray:
+        q = (select(VectorRow.item_id).join(ItemRow, ItemRow.id == VectorRow.item_id)
+             .where(ItemRow.kind.in_(MODALITY_KINDS[modality])).order_by(VectorRow.item_id))
+        with Session(self.engine) as s:
+            return np.fromiter(s.scalars(q), dtype=np.int64)
+
+    def vectors(self, ids: Sequence[int], dim: int) -> np.ndarray:
+        """Stored vectors for ``ids``, in that order."""
+        found: dict[int, bytes] = {}
+        with Session(self.engine) as s:
+            for chunk in _chunks(list(ids)):
+                found.update(s.execute(select(VectorRow.item_id, VectorRow.data)
+                                       .where(VectorRow.item_id.in_(chunk))).all())
+        out = np.empty((len(ids), dim), dtype=np.float32)
+        for row, item_id in enumerate(ids):
+            out[row] = np.frombuffer(found[int(item_id)], dtype=np.float32)
+        return out
+
+    # -- reading ------------------------------------------------------------------------------
+    def items(self, ids: Sequence[int]) -> dict[int, ItemView]:
+        """Look up items for display; unknown ids (e.g. deleted since the FAISS file was written) are absent."""
+        image = aliased(ItemRow)
+        own_root, image_root = aliased(RootRow), aliased(RootRow)
+        q = (
+            select(ItemRow.id, ItemRow.kind, own_root.path, ItemRow.path, image_root.path, image.path,
+                   ItemRow.text, ItemRow.image_id, ItemRow.origin, ItemRow.width, ItemRow.height, ItemRow.error)
+            .outerjoin(own_root, own_root.id == ItemRow.root_id)
+            .outerjoin(image, image.id == ItemRow.image_id)
+            .outerjoin(image_root, image_root.id == image.root_id)
+        )
+        views: dict[int, ItemView] = {}
+        with Session(self.engine) as s:
+            for chunk in _chunks([int(i) for i in ids]):
+                for r in s.execute(q.where(ItemRow.id.in_(chunk))):
+                    item_id, kind, root, rel, img_root, img_rel, txt, image_id, origin, w, h, err = r
+                    path = None
+                    if rel is not None and root is not None:
+                        path = str(Path(root) / rel)
+                    elif img_rel is not None and img_root is not None:
+                        path = str(Path(img_root) / img_rel)
+                    views[item_id] = ItemView(item_id, kind, path, txt, image_id, origin, w, h, err)
+        return views
+
+    def counts(self) -> dict[str, int]:
+        q = select(ItemRow.kind, func.count()).group_by(ItemRow.kind)
+        with Session(self.engine) as s:
+            counts = {IMAGE: 0, CAPTION: 0, TEXT: 0, **dict(s.execute(q).all())}
+            counts["skipped"] = s.scalar(select(func.count()).where(ItemRow.error.is_not(None))) or 0
+            counts["vectors"] = s.scalar(select(func.count()).select_from(VectorRow)) or 0
+        return counts
+
+    def skipped(self) -> list[ItemView]:
+        with Session(self.engine) as s:
+            ids = list(s.scalars(select(ItemRow.id).where(ItemRow.error.is_not(None)).order_by(ItemRow.id)))
+        views = self.items(ids)
+        return [views[i] for i in ids]
+
+
+def _configure_connection(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets searches read the last committed state while an indexer writes.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def table_columns(engine: Engine, table: str) -> list[str]:
+    """Column names as the database has them (used to check the models match the migrations)."""
+    with engine.connect() as conn:
+        return [row[1] for row in conn.execute(text(f"PRAGMA table_info({table})"))]

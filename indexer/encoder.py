@@ -1,0 +1,250 @@
+"""The only module that touches torch models and open_clip: load a model, encode images and texts.
+
+A model is named the open_clip way (``ViT-B-32``) with its weights given as a pretrained tag
+(``laion2b_s34b_b79k``, downloaded by open_clip on first use), a local checkpoint file
+(``.safetensors``, ``.pt``/``.pth``/``.bin`` loaded with ``weights_only=True``) or ``none`` for a
+random initialisation (benchmarks and tests). Embeddings come out L2-normalised float32, so inner
+products are cosine similarities.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+
+from .errors import CrossmodalError, ModelMismatch, WeightsUnavailable
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+RANDOM_INIT = "none"
+
+# Our own architectures (the tiny test model, the demo model) are ordinary open_clip names.
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What makes vectors comparable: stored in the catalog, checked on every open.
+
+    ``pretrained`` is the tag for downloaded weights, ``none`` for random init, or the checkpoint's
+    file name for local weights, in which case ``checkpoint_sha256`` is what actually identifies them.
+    """
+
+    name: str
+    pretrained: str
+    embed_dim: int
+    checkpoint_sha256: str | None = None
+    checkpoint_path: str | None = None
+    open_clip_version: str = open_clip.__version__
+
+    def describe(self) -> str:
+        weights = self.pretrained
+        if self.checkpoint_sha256:
+            weights = f"checkpoint {self.pretrained} (sha256 {self.checkpoint_sha256[:12]})"
+        return f"{self.name} / {weights} ({self.embed_dim}-d)"
+
+    def same_model(self, other: ModelIdentity) -> bool:
+        if (self.name, self.embed_dim) != (other.name, other.embed_dim):
+            return False
+        if self.checkpoint_sha256 or other.checkpoint_sha256:
+            return self.checkpoint_sha256 == other.checkpoint_sha256
+        return self.pretrained == other.pretrained
+
+    def require_same(self, other: ModelIdentity, action: str) -> None:
+        if not self.same_model(other):
+            raise ModelMismatch(
+                f"cannot {action}: the index was built with {self.describe()}, "
+                f"but the model given is {other.describe()}. Use the index's model, "
+                "or build a new index (--index DIR) for the other model."
+            )
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks the first CUDA device when torch sees one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise CrossmodalError(f"unknown device '{device}': use auto, cpu or cuda[:N]") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise CrossmodalError(f"device '{device}' asked for, but torch sees no CUDA GPU; use --device cpu")
+    if resolved.type not in ("cpu", "cuda"):
+        raise CrossmodalError(f"unsupported device '{device}': use auto, cpu or cuda[:N]")
+    return resolved
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    return os.sep in pretrained or "/" in pretrained or pretrained.lower().endswith(CHECKPOINT_SUFFIXES)
+
+
+@contextmanager
+def _quiet_loading():
+    """open_clip and huggingface_hub log every retry and random init at WARNING; we report ourselves."""
+    loggers = [logging.getLogger(), logging.getLogger("huggingface_hub")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _check_model_name(name: str) -> None:
+    if name.startswith(("hf-hub:", "local-dir:")) or name in open_clip.list_models():
+        return
+    close = [m for m in open_clip.list_models() if name.lower().replace("/", "-") in m.lower()][:8]
+    hint = f" Did you mean: {', '.join(close)}?" if close else " List them with open_clip.list_models()."
+    raise CrossmodalError(f"unknown open_clip model '{name}'.{hint}")
+
+
+def _resolve_weights(name: str, pretrained: str | None) -> tuple[str | None, str, str | None, str | None]:
+    """Return (value for open_clip, identity tag, checkpoint sha256, checkpoint path)."""
+    if pretrained is None or pretrained.lower() in ("", RANDOM_INIT):
+        return None, RANDOM_INIT, None, None
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        if path.suffix.lower() not in CHECKPOINT_SUFFIXES + (".npz",):
+            raise CrossmodalError(
+                f"checkpoint {path}: unsupported file type; use .safetensors, .pt, .pth or .bin"
+            )
+        resolved = path.resolve()
+        return str(resolved), path.name, sha256_file(resolved), str(resolved)
+    if _looks_like_path(pretrained):
+        raise WeightsUnavailable(f"checkpoint file not found: {pretrained}")
+    if not name.startswith(("hf-hub:", "local-dir:")) and open_clip.get_pretrained_cfg(name, pretrained) == {}:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise CrossmodalError(
+            f"'{pretrained}' is neither a pretrained tag of {name} nor an existing checkpoint file. "
+            f"Known tags: {', '.join(tags) or 'none'}."
+        )
+    return pretrained, pretrained, None, None
+
+
+def default_pretrained(name: str) -> str:
+    """The weights to use when only a model name is given: ours for the default model, else ask."""
+    if name == DEFAULT_MODEL:
+        return DEFAULT_PRETRAINED
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    choices = f"a tag ({', '.join(tags)}), " if tags else ""
+    raise CrossmodalError(
+        f"choose weights for {name} with --pretrained: {choices}a checkpoint file, or 'none' for random init"
+    )
+
+
+class Encoder:
+    """An open_clip model in eval mode, ready to turn images and texts into unit vectors."""
+
+    def __init__(self, model: torch.nn.Module, preprocess: Callable, tokenizer: Callable,
+                 identity: ModelIdentity, device: torch.device, image_size: int):
+        self.model = model
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.identity = identity
+        self.device = device
+        self.image_size = image_size
+
+    def _autocast(self):
+        # Half precision only where it is fast and accurate enough: on the GPU. CPU stays fp32.
+        if self.device.type != "cuda":
+            return nullcontext()
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+
+    def _finish(self, features: torch.Tensor) -> np.ndarray:
+        features = torch.nn.functional.normalize(features.float(), dim=-1)
+        return features.cpu().numpy().astype(np.float32, copy=False)
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
+        """Encode a batch of preprocessed images (N, 3, H, W) into (N, dim) unit vectors."""
+        if pixels.shape[0] == 0:
+            return np.zeros((0, self.identity.embed_dim), dtype=np.float32)
+        with self._autocast():
+            return self._finish(self.model.encode_image(pixels.to(self.device, non_blocking=True)))
+
+    def encode_pil(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.encode_images(torch.stack([self.preprocess(im) for im in images]))
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Encode raw strings (no prompt template) into (N, dim) unit vectors."""
+        chunks = [np.zeros((0, self.identity.embed_dim), dtype=np.float32)]
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(list(texts[start : start + batch_size])).to(self.device)
+            with self._autocast():
+                chunks.append(self._finish(self.model.encode_text(tokens)))
+        return np.concatenate(chunks)
+
+
+def load_encoder(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETRAINED,
+                 device: str = "auto") -> Encoder:
+    """Create an open_clip model with its eval transform and tokenizer.
+
+    Raises :class:`WeightsUnavailable` with instructions when weights cannot be downloaded.
+    """
+    _check_model_name(name)
+    torch_device = resolve_device(device)
+    value, tag, digest, ckpt_path = _resolve_weights(name, pretrained)
+    try:
+        # Random init is seeded so that 'none' names the same weights in every process (index, then search).
+        with _quiet_loading(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=value, device=torch_device, weights_only=True
+            )
+    except RuntimeError as exc:
+        if ckpt_path is None and value is not None:
+            raise WeightsUnavailable(
+                f"could not obtain pretrained weights '{value}' for {name} ({str(exc).splitlines()[0][:200]}). "
+                f"Without internet access, download the checkpoint elsewhere and pass it with "
+                f"--pretrained /path/to/open_clip_model.safetensors (or set CROSSMODAL_PRETRAINED)."
+            ) from exc
+        raise CrossmodalError(f"cannot load {name} with weights {pretrained}: {exc}") from exc
+    model.eval()
+    if torch_device.type == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    image_size = model.visual.image_size
+    image_size = image_size[0] if isinstance(image_size, tuple | list) else int(image_size)
+    embed_dim = int(getattr(model, "embed_dim", 0) or model.text_projection.shape[-1])
+    identity = ModelIdentity(name=name, pretrained=tag, embed_dim=embed_dim,
+                             checkpoint_sha256=digest, checkpoint_path=ckpt_path)
+    return Encoder(model, preprocess, open_clip.get_tokenizer(name), identity, torch_device, image_size)
+
+
+def load_encoder_for(identity: ModelIdentity, device: str = "auto",
+                     pretrained_override: str | None = None) -> Encoder:
+    """Load the model an index was built with (optionally from a checkpoint at a new path)."""
+    pretrained = pretrained_override
+    if pretrained is None:
+        pretrained = identity.checkpoint_path if identity.checkpoint_sha256 else identity.pretrained
+        if identity.checkpoint_sha256 and not (pretrained and Path(pretrained).is_file()):
+            raise WeightsUnavailable(
+                f"the index was built with checkpoint {identity.pretrained} from {identity.checkpoint_path}, "
+                "which is no longer there; pass its new location with --pretrained PATH"
+            )
+    encoder = load_encoder(identity.name, pretrained, device)
+    identity.require_same(encoder.identity, "query this index")
+    return encoder

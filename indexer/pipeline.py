@@ -1,0 +1,306 @@
+"""Build or update an index from a folder: walk -> plan -> decode -> encode -> write.
+
+Each stage passes typed values to the next and is timed. Decoding runs in DataLoader worker
+processes while the main process encodes and writes, so on a GPU the model never waits for JPEGs.
+The catalog is committed after every batch and the FAISS files are flushed every few seconds and
+at the end; an interrupted run keeps every committed batch, and the next run re-syncs the FAISS
+files from the catalog and carries on with what is left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .catalog import CAPTION, TEXT, ImageWrite, TextWrite
+from .decode import DecodeTask, iter_decoded
+from .encoder import Encoder, sha256_file
+from .errors import SourceError
+from .plan import EncodeJob, plan_images, plan_texts
+from .sources import Problem, TextRecord, read_captions_file, read_texts_file, sidecar_captions, walk_images
+from .store import IndexStore
+from .vectors import IndexSpec, VectorStore
+
+
+def default_workers(device_type: str) -> int:
+    cpus = os.cpu_count() or 1
+    # On a CPU the model wants every core; one or two decoders keep up with it. A GPU eats
+    # images as fast as all cores can decode them.
+    return min(16, cpus) if device_type == "cuda" else max(1, cpus // 2)
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    captions: tuple[Path, ...] = ()
+    texts: tuple[Path, ...] = ()
+    include_hidden: bool = False
+    exclude: tuple[str, ...] = ()
+    batch_size: int = 32
+    workers: int | None = None  # None: default_workers(device)
+    spec: IndexSpec = field(default_factory=IndexSpec)
+    flush_seconds: float = 30.0
+    progress: bool = True
+    use_draft: bool = True
+
+
+@dataclass
+class IndexSummary:
+    index: str
+    root: str
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    moved: int = 0
+    unchanged: int = 0
+    skipped: int = 0
+    duplicates: int = 0  # images or texts whose vector was reused instead of encoded again
+    texts_added: int = 0
+    texts_removed: int = 0
+    texts_unchanged: int = 0
+    encoded_images: int = 0
+    encoded_texts: int = 0
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class _Run:
+    """State of one indexing run: the open store, the in-memory vector files, counters."""
+
+    def __init__(self, store: IndexStore, encoder: Encoder, options: IndexOptions, summary: IndexSummary,
+                 problems: list[Problem]):
+        self.store, self.encoder, self.options, self.summary = store, encoder, options, summary
+        self.problems = problems
+        self.timer = _Timer()
+        self.vectors: dict[str, VectorStore] = {}
+        self.dirty: set[str] = set()
+        self.last_flush = time.monotonic()
+
+    def load(self) -> None:
+        for modality in ("image", "text"):
+            vectors, report = self.store.load_vectors(modality)
+            self.vectors[modality] = vectors
+            if report.added or report.removed:
+                self.dirty.add(modality)  # caught up after an interrupted run: persist that
+
+    def put(self, modality: str, ids: list[int], vectors: np.ndarray, replace: bool = False) -> None:
+        store = self.vectors[modality]
+        ids_array = np.asarray(ids, dtype=np.int64)
+        if replace:
+            store.remove(ids_array)
+        store.add(ids_array, vectors)
+        self.dirty.add(modality)
+
+    def drop(self, modality: str, ids: list[int]) -> None:
+        if ids and self.vectors[modality].remove(np.asarray(ids, dtype=np.int64)):
+            self.dirty.add(modality)
+
+    def flush(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self.last_flush < self.options.flush_seconds:
+            return
+        with self.timer.stage("flush"):
+            for modality in sorted(self.dirty):
+                self.store.save_vectors(modality, self.vectors[modality])
+            self.dirty.clear()
+            self.last_flush = time.monotonic()
+
+
+def update_index(root: Path, index_dir: Path, encoder: Encoder, options: IndexOptions | None = None) -> IndexSummary:
+    """Index ``root`` into ``index_dir`` (created if needed), encoding only what is new or changed."""
+    options = options or IndexOptions()
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise SourceError(f"folder not found: {root}")
+    root = root.resolve()
+    started = time.perf_counter()
+    summary = IndexSummary(index=str(Path(index_dir).resolve()), root=str(root))
+    problems: list[Problem] = []
+    # Read captions/texts files first: a broken file should stop the run before any encoding.
+    extra_records: list[TextRecord] = []
+    for path in options.captions:
+        extra_records += read_captions_file(path, problems)
+    for path in options.texts:
+        extra_records += read_texts_file(path, problems)
+
+    with IndexStore.open_for_writing(Path(index_dir), encoder.identity, options.spec) as store:
+        run = _Run(store, encoder, options, summary, problems)
+        root_id = store.catalog.root_id(root)
+        try:
+            with run.timer.stage("load"):
+                run.load()
+            with run.timer.stage("walk"):
+                files = list(walk_images(root, include_hidden=options.include_hidden,
+                                         exclude=options.exclude, problems=problems))
+            with run.timer.stage("plan"):
+                plan = plan_images(files, store.catalog.image_states(root_id), sha256_file)
+                _apply_plan_without_encoding(run, plan)
+            _encode_images(run, root_id, plan.encode)
+            with run.timer.stage("texts"):
+                records = [r for f in files for r in sidecar_captions(f, problems)] + extra_records
+                _sync_texts(run, root_id, root, records, problems)
+            store.catalog.mark_root_indexed(root_id)
+        finally:
+            run.flush(force=True)
+
+    summary.problems = [str(p) for p in problems]
+    summary.seconds = round(time.perf_counter() - started, 3)
+    summary.stages = {k: round(v, 3) for k, v in run.timer.seconds.items()}
+    encode_time = summary.stages.get("decode", 0) + summary.stages.get("encode", 0) + summary.stages.get("write", 0)
+    if summary.encoded_images and encode_time:
+        summary.images_per_second = round(summary.encoded_images / encode_time, 2)
+    return summary
+
+
+def _apply_plan_without_encoding(run: _Run, plan) -> None:
+    catalog, summary = run.store.catalog, run.summary
+    catalog.update_image_files((item_id, f.rel, f.size, f.mtime_ns) for item_id, f in plan.restat + plan.moved)
+    if plan.gone:
+        deleted = catalog.delete_items([s.id for s in plan.gone])
+        run.drop("image", deleted)
+        run.drop("text", deleted)
+    summary.unchanged = len(plan.unchanged) + len(plan.restat)
+    summary.moved = len(plan.moved)
+    summary.removed = len(plan.gone)
+    summary.skipped = len(plan.still_failing)
+
+
+def _encode_images(run: _Run, root_id: int, jobs: list[EncodeJob]) -> None:
+    if not jobs:
+        return
+    encoder, options, summary, catalog = run.encoder, run.options, run.summary, run.store.catalog
+    workers = options.workers if options.workers is not None else default_workers(encoder.device.type)
+    tasks = [DecodeTask(i, job.file.path) for i, job in enumerate(jobs)]
+    batches = iter_decoded(tasks, encoder.preprocess, encoder.image_size, batch_size=options.batch_size,
+                           workers=workers, use_draft=options.use_draft)
+    bar = tqdm(total=len(jobs), unit="img", desc="indexing", disable=not options.progress, smoothing=0.1)
+    try:
+        while True:
+            with run.timer.stage("decode"):  # time the encoder spends waiting for decoded images
+                batch = next(batches, None)
+            if batch is None:
+                break
+            writes: list[ImageWrite] = []
+            for item in batch.failed:
+                job = jobs[item.key]
+                writes.append(ImageWrite(job.file.rel, job.file.size, job.file.mtime_ns, item.sha256,
+                                         error=item.error, id=job.item_id))
+                run.problems.append(Problem(str(job.file.path), item.error or "unreadable"))
+            summary.skipped += len(batch.failed)
+
+            with run.timer.stage("encode"):
+                vectors = _vectors_for_batch(run, batch)
+            for item, vector in zip(batch.ok, vectors):
+                job = jobs[item.key]
+                writes.append(ImageWrite(job.file.rel, job.file.size, job.file.mtime_ns, item.sha256,
+                                         item.width, item.height, vector=vector, id=job.item_id))
+                if job.item_id is None:
+                    summary.added += 1
+                else:
+                    summary.updated += 1
+            with run.timer.stage("write"):
+                ids = catalog.write_images(root_id, writes)
+                replaced = [w.id for w in writes if w.id is not None]
+                run.drop("image", replaced)
+                with_vectors = [(i, w.vector) for i, w in zip(ids, writes) if w.vector is not None]
+                if with_vectors:
+                    run.put("image", [i for i, _ in with_vectors], np.stack([v for _, v in with_vectors]))
+            run.flush()
+            bar.update(len(batch.ok) + len(batch.failed))
+    finally:
+        bar.close()
+
+
+def _vectors_for_batch(run: _Run, batch) -> list[np.ndarray]:
+    """Encode the batch, except images whose content already has a vector (identical files)."""
+    reuse: dict[str, np.ndarray] = {}
+    to_encode: list[int] = []
+    first_row: dict[str, int] = {}
+    for row, item in enumerate(batch.ok):
+        if item.sha256 in reuse or item.sha256 in first_row:
+            continue
+        stored = run.store.catalog.vector_for_hash("image", item.sha256)
+        if stored is not None:
+            reuse[item.sha256] = stored
+        else:
+            first_row[item.sha256] = row
+            to_encode.append(row)
+    if to_encode:
+        encoded = run.encoder.encode_images(batch.pixels[to_encode])
+        for row, vector in zip(to_encode, encoded):
+            reuse[batch.ok[row].sha256] = vector
+        run.summary.encoded_images += len(to_encode)
+    run.summary.duplicates += len(batch.ok) - len(to_encode)
+    return [reuse[item.sha256] for item in batch.ok]
+
+
+def _sync_texts(run: _Run, root_id: int, root: Path, records: list[TextRecord], problems: list[Problem]) -> None:
+    catalog, summary = run.store.catalog, run.summary
+    passed = {r.origin for r in records if not r.origin.startswith("sidecar:")}
+    passed |= {f"{kind}:{Path(p).resolve()}" for kind, paths in (("captions", run.options.captions),
+                                                               ("texts", run.options.texts)) for p in paths}
+    image_ids = {rel: state.id for rel, state in catalog.image_states(root_id).items()}
+    plan = plan_texts(records, catalog.text_states(root_id),
+                      lambda origin: origin.startswith("sidecar:") or origin in passed,
+                      image_ids, root, problems)
+    if plan.remove:
+        run.drop("text", catalog.delete_items(plan.remove))
+    summary.texts_removed = len(plan.remove)
+    summary.texts_unchanged = plan.kept
+    batch_size = 256
+    for start in range(0, len(plan.add), batch_size):
+        chunk = plan.add[start : start + batch_size]
+        vectors = _text_vectors(run, [record.text for record, _ in chunk])
+        writes = [TextWrite(CAPTION if image_id is not None else TEXT, record.text, text_sha256(record.text),
+                            record.origin, record.line, image_id, vector)
+                  for (record, image_id), vector in zip(chunk, vectors)]
+        ids = catalog.write_texts(root_id, writes)
+        run.put("text", ids, np.stack(vectors))
+        summary.texts_added += len(ids)
+        run.flush()
+
+
+def _text_vectors(run: _Run, texts: list[str]) -> list[np.ndarray]:
+    found: dict[str, np.ndarray] = {}
+    missing: list[str] = []
+    for text in dict.fromkeys(texts):
+        stored = run.store.catalog.vector_for_hash("text", text_sha256(text))
+        if stored is not None:
+            found[text] = stored
+        else:
+            missing.append(text)
+    if missing:
+        for text, vector in zip(missing, run.encoder.encode_texts(missing)):
+            found[text] = vector
+        run.summary.encoded_texts += len(missing)
+    run.summary.duplicates += len(texts) - len(missing)
+    return [found[t] for t in texts]
+

@@ -1,0 +1,181 @@
+"""An index on disk: a directory with ``catalog.sqlite``, ``image.faiss``, ``text.faiss`` and a lock.
+
+:class:`IndexStore` ties the catalog (truth) to the vector files (derived, re-synced from the
+catalog whenever they disagree) and checks that the model in use is the one the index was built with.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .catalog import Catalog, IndexMeta, utc_now
+from .encoder import DEFAULT_MODEL, Encoder, ModelIdentity, default_pretrained, load_encoder, load_encoder_for
+from .errors import CrossmodalError, IndexLocked, IndexNotFound
+from .vectors import IndexSpec, VectorStore
+
+MODALITIES = ("image", "text")
+CATALOG_FILE = "catalog.sqlite"
+LOCK_FILE = ".lock"
+DEFAULT_INDEX_DIR = Path(".crossmodal")
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    added: int
+    removed: int
+
+
+def identity_from_meta(meta: IndexMeta) -> ModelIdentity:
+    return ModelIdentity(name=meta.model_name, pretrained=meta.pretrained, embed_dim=meta.embed_dim,
+                         checkpoint_sha256=meta.checkpoint_sha256, checkpoint_path=meta.checkpoint_path,
+                         open_clip_version=meta.open_clip_version)
+
+
+class IndexStore:
+    """Open with :meth:`open` (read) or :meth:`open_for_writing` (exclusive, creates if needed)."""
+
+    def __init__(self, directory: Path, catalog: Catalog, lock_fd: int | None = None):
+        self.directory = directory
+        self.catalog = catalog
+        self._lock_fd = lock_fd
+
+    # -- opening ------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, directory: Path) -> IndexStore:
+        directory = Path(directory)
+        if not (directory / CATALOG_FILE).is_file():
+            raise IndexNotFound(
+                f"no index at {directory}: build one with `crossmodal index FOLDER --index {directory}` "
+                "(or set CROSSMODAL_INDEX)"
+            )
+        store = cls(directory, Catalog(directory / CATALOG_FILE))
+        if store.catalog.meta() is None:
+            raise IndexNotFound(f"the index at {directory} is empty: no run has finished writing its model yet")
+        return store
+
+    @classmethod
+    def open_for_writing(cls, directory: Path, identity: ModelIdentity, spec: IndexSpec) -> IndexStore:
+        """Lock the index, create it for ``identity`` if new, refuse if it was built with another model."""
+        directory = Path(directory)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CrossmodalError(f"cannot create index directory {directory}: {exc.strerror or exc}") from exc
+        lock_fd = _acquire_lock(directory)
+        try:
+            store = cls(directory, Catalog(directory / CATALOG_FILE), lock_fd)
+            meta = store.catalog.meta()
+            if meta is None:
+                store.catalog.set_meta(IndexMeta(
+                    identity.name, identity.pretrained, identity.checkpoint_sha256, identity.checkpoint_path,
+                    identity.embed_dim, identity.open_clip_version, spec.to_json(), utc_now()))
+            else:
+                identity_from_meta(meta).require_same(identity, f"add to the index at {directory}")
+                if identity.checkpoint_path and identity.checkpoint_path != meta.checkpoint_path:
+                    # Same weights found at a new place: remember it so search can load them again.
+                    store.catalog.set_meta(IndexMeta(**{**meta.__dict__, "checkpoint_path": identity.checkpoint_path}))
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return store
+
+    def close(self) -> None:
+        self.catalog.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> IndexStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- what it holds ------------------------------------------------------------------------
+    @property
+    def meta(self) -> IndexMeta:
+        meta = self.catalog.meta()
+        assert meta is not None, "opened stores always have meta"
+        return meta
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return identity_from_meta(self.meta)
+
+    @property
+    def spec(self) -> IndexSpec:
+        return IndexSpec.from_json(self.meta.index_spec)
+
+    def vector_path(self, modality: str) -> Path:
+        return self.directory / f"{modality}.faiss"
+
+    def load_vectors(self, modality: str) -> tuple[VectorStore, SyncReport]:
+        """The modality's FAISS index, brought in line with the catalog in memory."""
+        path = self.vector_path(modality)
+        dim = self.meta.embed_dim
+        vectors = VectorStore.load(path) if path.exists() else VectorStore.empty(self.spec, dim)
+        if vectors.dim != dim:
+            raise CrossmodalError(f"{path} holds {vectors.dim}-d vectors but the catalog says {dim}-d; "
+                                  "delete the file and re-run `crossmodal index` to rebuild it from the catalog")
+        expected = self.catalog.vector_ids(modality)
+        added, removed = vectors.sync(expected, lambda ids: self.catalog.vectors(ids.tolist(), dim))
+        return vectors, SyncReport(added, removed)
+
+    def save_vectors(self, modality: str, vectors: VectorStore) -> None:
+        if self._lock_fd is None:
+            raise CrossmodalError("internal: vectors saved through a read-only IndexStore")
+        try:
+            vectors.save(self.vector_path(modality))
+        except (OSError, RuntimeError) as exc:
+            raise CrossmodalError(f"cannot write {self.vector_path(modality)}: {exc}; "
+                                  "the previous file is unchanged") from exc
+
+    def disk_usage(self) -> dict[str, int]:
+        names = [CATALOG_FILE, CATALOG_FILE + "-wal"] + [f"{m}.faiss" for m in MODALITIES]
+        return {n: (self.directory / n).stat().st_size for n in names if (self.directory / n).exists()}
+
+    def info(self) -> dict:
+        """What ``crossmodal info`` shows: model, counts, index kind, sizes, schema."""
+        meta = self.meta
+        return {
+            "index": str(self.directory.resolve()),
+            "model": {"name": meta.model_name, "pretrained": meta.pretrained,
+                      "checkpoint_sha256": meta.checkpoint_sha256, "checkpoint_path": meta.checkpoint_path,
+                      "embed_dim": meta.embed_dim, "open_clip_version": meta.open_clip_version},
+            "index_spec": json.loads(meta.index_spec),
+            "counts": self.catalog.counts(),
+            "vectors": {m: len(self.load_vectors(m)[0]) for m in MODALITIES},
+            "roots": self.catalog.roots(),
+            "disk_bytes": self.disk_usage(),
+            "schema_version": self.catalog.schema_version(),
+            "created_at": meta.created_at,
+        }
+
+
+def open_encoder(directory: Path, model: str | None = None, pretrained: str | None = None,
+                 device: str = "auto") -> Encoder:
+    """The model to use with the index at ``directory``: the one it was built with, unless ``model`` is given.
+
+    ``pretrained`` alone (no ``model``) points an existing index at its checkpoint's new location.
+    """
+    if model is None and (Path(directory) / CATALOG_FILE).is_file():
+        with IndexStore.open(directory) as store:
+            return load_encoder_for(store.identity, device, pretrained)
+    name = model or DEFAULT_MODEL
+    return load_encoder(name, pretrained if pretrained is not None else default_pretrained(name), device)
+
+
+def _acquire_lock(directory: Path) -> int:
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise IndexLocked(
+            f"another crossmodal process is writing to {directory}; wait for it to finish and run again"
+        ) from None
+    return fd

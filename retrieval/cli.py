@@ -1,0 +1,190 @@
+"""The ``crossmodal`` command: a thin layer that parses, validates and calls the library.
+
+Every command turns :class:`indexer.errors.CrossmodalError` into one line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import click
+
+from indexer import DEFAULT_INDEX_DIR, IndexOptions, IndexSpec, update_index
+from indexer.errors import CrossmodalError
+from indexer.store import IndexStore, open_encoder
+
+from .searcher import Hit, Searcher
+
+
+def domain_errors(func):
+    """Turn our errors into click's one-line error, leaving real bugs their traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except CrossmodalError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            raise click.ClickException("interrupted; what was committed is kept, run the same command to resume") \
+                from None
+
+    return wrapper
+
+
+def index_option(func):
+    return click.option("--index", "index_dir", type=click.Path(path_type=Path), envvar="CROSSMODAL_INDEX",
+                        default=DEFAULT_INDEX_DIR, show_default=True, show_envvar=True,
+                        help="Index directory.")(func)
+
+
+def model_options(func):
+    func = click.option("--device", envvar="CROSSMODAL_DEVICE", default="auto", show_default=True,
+                        show_envvar=True, help="auto, cpu or cuda[:N].")(func)
+    func = click.option("--pretrained", envvar="CROSSMODAL_PRETRAINED", show_envvar=True,
+                        help="Pretrained tag, local checkpoint (.safetensors/.pt/.bin) or 'none'. "
+                             "Default: laion2b_s34b_b79k for ViT-B-32, or the index's own weights.")(func)
+    func = click.option("--model", envvar="CROSSMODAL_MODEL", show_envvar=True,
+                        help="open_clip model name. Default: ViT-B-32, or the model the index was built with.")(func)
+    return func
+
+
+def json_option(func):
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(func)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="crossmodal-search")
+def cli() -> None:
+    """Cross-modal search over image folders and captions with OpenCLIP, FAISS and SQLite."""
+
+
+@cli.command("index")
+@click.argument("root", type=click.Path(path_type=Path, file_okay=False))
+@index_option
+@model_options
+@click.option("--captions", "captions", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="Captions file: JSONL, CSV or TSV with image and caption columns. Repeatable.")
+@click.option("--texts", "texts", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="Standalone texts: one per line, or JSONL with a text field. Repeatable.")
+@click.option("--include-hidden", is_flag=True, help="Also index hidden files and folders.")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip paths matching GLOB. Repeatable.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)
+@click.option("--workers", type=click.IntRange(0, 64), default=None,
+              help="Decoder processes [default: half the cores on CPU, all (max 16) on GPU].")
+@click.option("--index-type", type=click.Choice(["flat"]), default="flat", show_default=True,
+              help="FAISS index kind for a new index.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@json_option
+@domain_errors
+def index_cmd(root, index_dir, model, pretrained, device, captions, texts, include_hidden, exclude,
+              batch_size, workers, index_type, progress, as_json):
+    """Index the images (and captions) under ROOT; re-run to update incrementally.
+
+    \b
+    crossmodal index ~/Pictures
+    crossmodal index photos/ --captions captions.jsonl --texts notes.txt
+    """
+    encoder = open_encoder(index_dir, model, pretrained, device)
+    options = IndexOptions(captions=tuple(captions), texts=tuple(texts), include_hidden=include_hidden,
+                           exclude=tuple(exclude), batch_size=batch_size, workers=workers,
+                           spec=IndexSpec(kind=index_type), progress=progress)
+    summary = update_index(root, index_dir, encoder, options)
+    if as_json:
+        click.echo(json.dumps(summary.as_dict(), indent=2))
+        return
+    for problem in summary.problems:
+        click.echo(f"warning: {problem}", err=True)
+    click.echo(f"indexed {summary.root} into {summary.index}")
+    click.echo(f"  images: {summary.added} added, {summary.updated} updated, {summary.moved} moved, "
+               f"{summary.removed} removed, {summary.unchanged} unchanged, {summary.skipped} skipped")
+    click.echo(f"  texts:  {summary.texts_added} added, {summary.texts_removed} removed, "
+               f"{summary.texts_unchanged} unchanged")
+    click.echo(f"  encoded {summary.encoded_images} images, {summary.encoded_texts} texts; "
+               f"{summary.duplicates} duplicates reused")
+    stages = ", ".join(f"{k} {v:.2f}s" for k, v in summary.stages.items())
+    rate = f" ({summary.images_per_second:.1f} images/s)" if summary.images_per_second else ""
+    click.echo(f"  {summary.seconds:.2f}s{rate}: {stages}")
+
+
+@cli.command("search")
+@click.argument("query", required=False)
+@click.option("--image", "image", type=click.Path(path_type=Path, dir_okay=False),
+              help="Search with this image instead of text.")
+@click.option("--to", "target", type=click.Choice(["image", "text"]), default=None,
+              help="What to find [default: images for a text query, texts for an image query].")
+@click.option("-k", "--top-k", "k", type=int, default=10, show_default=True, help="Number of results.")
+@index_option
+@model_options
+@json_option
+@domain_errors
+def search_cmd(query, image, target, k, index_dir, model, pretrained, device, as_json):
+    """Search the index by text (QUERY) or by --image.
+
+    \b
+    crossmodal search "a dog on a beach"
+    crossmodal search "a dog on a beach" --to text
+    crossmodal search --image query.jpg --to image -k 5
+    """
+    if (query is None) == (image is None):
+        raise click.UsageError("give either a text QUERY or --image PATH")
+    with Searcher.open(index_dir, model=model, pretrained=pretrained, device=device) as searcher:
+        if image is not None:
+            hits = searcher.search_image(image, to=target or "text", k=k)
+        else:
+            hits = searcher.search_text(query, to=target or "image", k=k)
+    if as_json:
+        click.echo(json.dumps([h.as_dict() for h in hits], indent=2, ensure_ascii=False))
+    else:
+        _print_hits(hits)
+
+
+def _print_hits(hits: list[Hit]) -> None:
+    if not hits:
+        click.echo("no results: the index holds nothing of that kind")
+        return
+    click.echo(f"{'rank':>4}  {'score':>6}  result")
+    for hit in hits:
+        if hit.kind == "image":
+            line = hit.path
+        else:
+            line = f"{hit.text!r}" + (f"  [{hit.path}]" if hit.path else "")
+        click.echo(f"{hit.rank:>4}  {hit.score:6.3f}  {line}")
+
+
+@cli.command("info")
+@index_option
+@click.option("--skipped", is_flag=True, help="List the files that could not be indexed, with the reason.")
+@json_option
+@domain_errors
+def info_cmd(index_dir, skipped, as_json):
+    """Show the model, counts, index type and sizes of an index."""
+    with IndexStore.open(index_dir) as store:
+        info = store.info()
+        skipped_items = [{"path": v.path, "error": v.error} for v in store.catalog.skipped()] if skipped else None
+    if skipped_items is not None:
+        info["skipped"] = skipped_items
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    m, c = info["model"], info["counts"]
+    weights = m["pretrained"] + (f" (sha256 {m['checkpoint_sha256'][:12]})" if m["checkpoint_sha256"] else "")
+    click.echo(f"index:    {info['index']} (schema v{info['schema_version']})")
+    click.echo(f"model:    {m['name']} / {weights}, {m['embed_dim']}-d, open_clip {m['open_clip_version']}")
+    click.echo(f"type:     {info['index_spec']['kind']} ({info['index_spec']['metric']})")
+    click.echo(f"items:    {c['image']} images, {c['caption']} captions, {c['text']} texts, {c['skipped']} skipped")
+    click.echo(f"vectors:  {info['vectors']['image']} image, {info['vectors']['text']} text")
+    click.echo(f"roots:    {', '.join(info['roots']) or '-'}")
+    click.echo("disk:     " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in info["disk_bytes"].items()))
+    for item in skipped_items or []:
+        click.echo(f"skipped:  {item['path']}: {item['error']}")
+
+
+def main() -> None:
+    cli(prog_name="crossmodal")
+
+
+if __name__ == "__main__":
+    main()
