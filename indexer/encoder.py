@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -215,14 +216,20 @@ def load_encoder(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRE
             model, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=value, device=torch_device, weights_only=True
             )
-    except RuntimeError as exc:
+    except pickle.UnpicklingError as exc:
+        raise CrossmodalError(
+            f"refusing to load {pretrained}: it holds pickled objects other than tensors, and .pt files are only "
+            "read with torch.load(weights_only=True). Save its state_dict as .safetensors instead."
+        ) from exc
+    except Exception as exc:  # open_clip/torch/safetensors raise many types for an unusable checkpoint
         if ckpt_path is None and value is not None:
             raise WeightsUnavailable(
-                f"could not obtain pretrained weights '{value}' for {name} ({str(exc).splitlines()[0][:200]}). "
+                f"could not obtain pretrained weights '{value}' for {name} ({str(exc).split('. ')[0]}). "
                 f"Without internet access, download the checkpoint elsewhere and pass it with "
                 f"--pretrained /path/to/open_clip_model.safetensors (or set CROSSMODAL_PRETRAINED)."
             ) from exc
-        raise CrossmodalError(f"cannot load {name} with weights {pretrained}: {exc}") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CrossmodalError(f"cannot load {name} with weights {pretrained}: {reason}") from exc
     model.eval()
     if torch_device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))

@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from indexer.encoder import ModelIdentity
+
+FAKE_DIM = 32
+
+
+class FakePreprocess:
+    """Picklable stand-in for open_clip's transform: 8x8 RGB thumbnail as a tensor."""
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        small = image.convert("RGB").resize((8, 8), Image.BILINEAR)
+        return torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+class FakeEncoder:
+    """Deterministic encoder for storage/search/CLI tests: a fixed projection of an 8x8 thumbnail for
+    images, a hash-seeded vector for texts. Counts what it encodes so tests can check encode-once."""
+
+    def __init__(self, name: str = "fake", dim: int = FAKE_DIM):
+        self.identity = ModelIdentity(name=name, pretrained="none", embed_dim=dim)
+        self.device = torch.device("cpu")
+        self.image_size = 8
+        self.preprocess = FakePreprocess()
+        self.projection = np.random.default_rng(0).standard_normal((3 * 8 * 8, dim)).astype(np.float32)
+        self.images_encoded = 0
+        self.texts_encoded = 0
+
+    @staticmethod
+    def _unit(x: np.ndarray) -> np.ndarray:
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
+        self.images_encoded += pixels.shape[0]
+        flat = pixels.reshape(pixels.shape[0], -1).numpy() - 0.5
+        return self._unit(flat @ self.projection)
+
+    def encode_pil(self, images) -> np.ndarray:
+        return self.encode_images(torch.stack([self.preprocess(im) for im in images]))
+
+    def encode_texts(self, texts) -> np.ndarray:
+        self.texts_encoded += len(texts)
+        rows = [np.random.default_rng(int(hashlib.sha256(t.encode()).hexdigest()[:12], 16))
+                .standard_normal(self.identity.embed_dim) for t in texts]
+        return self._unit(np.array(rows).reshape(len(texts), self.identity.embed_dim))
+
+
+@pytest.fixture
+def fake_encoder() -> FakeEncoder:
+    return FakeEncoder()
+
+
+def make_image(path: Path, seed: int, size: tuple[int, int] = (40, 30), fmt: str | None = None) -> Path:
+    """A distinct image per seed: blocks of random colour, so thumbnails differ clearly."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+    image = Image.fromarray(blocks).resize(size, Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def photo_dir(tmp_path: Path) -> Path:
+    """Six images in two folders, one with a sidecar caption file."""
+    root = tmp_path / "photos"
+    for i in range(4):
+        make_image(root / f"img{i}.png", seed=i)
+    make_image(root / "sub" / "deep.jpg", seed=10)
+    make_image(root / "sub" / "other.jpg", seed=11)
+    (root / "img0.txt").write_text("a first caption\nanother caption for img0\n")
+    return root
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

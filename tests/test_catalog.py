@@ -1,0 +1,99 @@
+import sqlite3
+
+import numpy as np
+import pytest
+
+from indexer.catalog import (
+    SCHEMA_VERSION,
+    Base,
+    Catalog,
+    ImageWrite,
+    IndexMeta,
+    TextWrite,
+    table_columns,
+)
+from indexer.errors import SchemaError
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    cat = Catalog(tmp_path / "catalog.sqlite")
+    yield cat
+    cat.close()
+
+
+def unit(seed, dim=4):
+    v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def test_migrations_record_version_and_use_wal(catalog, tmp_path):
+    assert catalog.schema_version() == SCHEMA_VERSION
+    con = sqlite3.connect(tmp_path / "catalog.sqlite")
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert [r[0] for r in con.execute("SELECT version FROM schema_version")] == list(range(1, SCHEMA_VERSION + 1))
+
+
+def test_reopening_does_not_migrate_twice(tmp_path):
+    Catalog(tmp_path / "c.sqlite").close()
+    cat = Catalog(tmp_path / "c.sqlite")
+    assert cat.schema_version() == SCHEMA_VERSION
+
+
+def test_newer_schema_is_refused(tmp_path):
+    Catalog(tmp_path / "c.sqlite").close()
+    con = sqlite3.connect(tmp_path / "c.sqlite")
+    con.execute("INSERT INTO schema_version VALUES (?, 'future')", (SCHEMA_VERSION + 1,))
+    con.commit()
+    with pytest.raises(SchemaError, match="newer"):
+        Catalog(tmp_path / "c.sqlite")
+
+
+def test_orm_models_match_the_migrated_tables(catalog):
+    for table in Base.metadata.sorted_tables:
+        assert table_columns(catalog.engine, table.name) == [c.name for c in table.columns], table.name
+
+
+def test_meta_round_trip(catalog):
+    assert catalog.meta() is None
+    meta = IndexMeta("ViT-B-32", "laion2b_s34b_b79k", None, None, 512, "3.3.0", '{"kind": "flat"}', "now")
+    catalog.set_meta(meta)
+    assert catalog.meta() == meta
+
+
+def test_images_vectors_and_cascading_delete(catalog):
+    root = catalog.root_id("/photos")
+    assert catalog.root_id("/photos") == root
+    a, b = catalog.write_images(root, [
+        ImageWrite("a.jpg", 10, 1, "ha", 4, 3, vector=unit(1)),
+        ImageWrite("b.jpg", 0, 1, None, error="cannot decode image"),
+    ])
+    [cap] = catalog.write_texts(root, [TextWrite("caption", "an a", "t1", "sidecar:a.txt", 1, a, unit(2))])
+    states = catalog.image_states(root)
+    assert states["a.jpg"].sha256 == "ha" and states["b.jpg"].error == "cannot decode image"
+    assert catalog.vector_ids("image").tolist() == [a]
+    assert catalog.vector_ids("text").tolist() == [cap]
+    np.testing.assert_array_equal(catalog.vectors([a], 4)[0], unit(1))
+    np.testing.assert_array_equal(catalog.vector_for_hash("image", "ha"), unit(1))
+    views = catalog.items([a, cap])
+    assert views[a].path == "/photos/a.jpg" and views[cap].path == "/photos/a.jpg" and views[cap].text == "an a"
+    assert catalog.counts() == {"image": 2, "caption": 1, "text": 0, "skipped": 1, "vectors": 2}
+    assert sorted(catalog.delete_items([a])) == sorted([a, cap])
+    assert catalog.vector_ids("text").tolist() == [] and catalog.counts()["caption"] == 0
+
+
+def test_overwrite_keeps_id_and_replaces_vector(catalog):
+    root = catalog.root_id("/r")
+    [a] = catalog.write_images(root, [ImageWrite("a.jpg", 10, 1, "h1", vector=unit(1))])
+    [same] = catalog.write_images(root, [ImageWrite("a.jpg", 11, 2, "h2", vector=unit(2), id=a)])
+    assert same == a
+    np.testing.assert_array_equal(catalog.vectors([a], 4)[0], unit(2))
+    assert catalog.vector_for_hash("image", "h1") is None
+
+
+def test_ids_are_never_reused(catalog):
+    root = catalog.root_id("/r")
+    [a] = catalog.write_images(root, [ImageWrite("a.jpg", 1, 1, "h", vector=unit(1))])
+    catalog.delete_items([a])
+    [b] = catalog.write_images(root, [ImageWrite("b.jpg", 1, 1, "h", vector=unit(1))])
+    assert b > a

@@ -1,0 +1,115 @@
+"""The CLI as a user drives it, with the fake encoder standing in for open_clip."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+import retrieval.cli
+import retrieval.searcher
+from conftest import FakeEncoder
+from retrieval.cli import cli
+
+
+@pytest.fixture
+def invoke(monkeypatch, tmp_path):
+    encoder = FakeEncoder()
+    monkeypatch.setattr(retrieval.cli, "open_encoder", lambda *a, **k: encoder)
+    monkeypatch.setattr(retrieval.searcher, "open_encoder", lambda *a, **k: encoder)
+    monkeypatch.setenv("CROSSMODAL_INDEX", str(tmp_path / "idx"))
+    runner = CliRunner()
+
+    def _invoke(*args):
+        return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+    return _invoke
+
+
+def test_index_json_summary_then_incremental(invoke, photo_dir):
+    first = invoke("index", photo_dir, "--workers", "0", "--no-progress", "--json")
+    assert first.exit_code == 0, first.output
+    summary = json.loads(first.output)
+    for key in ("added", "updated", "removed", "moved", "unchanged", "skipped", "seconds"):
+        assert key in summary
+    assert summary["added"] == 6
+    second = json.loads(invoke("index", photo_dir, "--workers", "0", "--no-progress", "--json").output)
+    assert (second["added"], second["unchanged"]) == (0, 6)
+
+
+def test_human_index_output_names_counts_and_stages(invoke, photo_dir):
+    out = invoke("index", photo_dir, "--workers", "0", "--no-progress").output
+    assert "6 added" in out and "decode" in out and "encode" in out
+
+
+def test_search_text_to_images_json(invoke, photo_dir):
+    invoke("index", photo_dir, "--workers", "0", "--no-progress")
+    result = invoke("search", "anything", "-k", "3", "--json")
+    hits = json.loads(result.output)
+    assert [h["rank"] for h in hits] == [1, 2, 3]
+    assert all(h["kind"] == "image" and h["path"].startswith(str(photo_dir.resolve())) for h in hits)
+    assert all({"rank", "score", "kind", "path", "text", "id"} <= set(h) for h in hits)
+    assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
+
+
+def test_search_image_finds_itself_and_captions(invoke, photo_dir):
+    invoke("index", photo_dir, "--workers", "0", "--no-progress")
+    hits = json.loads(invoke("search", "--image", photo_dir / "img2.png", "--to", "image", "--json").output)
+    assert hits[0]["path"] == str(photo_dir.resolve() / "img2.png") and hits[0]["score"] == pytest.approx(1, abs=1e-5)
+    texts = json.loads(invoke("search", "--image", photo_dir / "img0.png", "--json").output)
+    assert {h["kind"] for h in texts} == {"caption"} and {h["text"] for h in texts} == {
+        "a first caption", "another caption for img0"}
+    table = invoke("search", "a first caption", "--to", "text").output
+    assert "'a first caption'" in table and "rank" in table
+
+
+def test_info_json_and_human(invoke, photo_dir):
+    (photo_dir / "bad.png").write_bytes(b"nope")
+    invoke("index", photo_dir, "--workers", "0", "--no-progress")
+    info = json.loads(invoke("info", "--json", "--skipped").output)
+    assert info["model"]["name"] == "fake" and info["model"]["embed_dim"] == 32
+    assert info["counts"]["image"] == 7 and info["counts"]["caption"] == 2 and info["counts"]["skipped"] == 1
+    assert info["vectors"] == {"image": 6, "text": 2}
+    assert info["index_spec"]["kind"] == "flat" and info["schema_version"] >= 1
+    assert info["disk_bytes"]["catalog.sqlite"] > 0 and info["skipped"][0]["path"].endswith("bad.png")
+    assert "fake / none" in invoke("info").output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["search", "x"], "no index at"),
+    (["info"], "no index at"),
+])
+def test_missing_index_is_one_line(invoke, args, message):
+    result = invoke(*args)
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+def test_user_errors_are_one_line(invoke, photo_dir, tmp_path):
+    invoke("index", photo_dir, "--workers", "0", "--no-progress")
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("hello")
+    bad_caps = tmp_path / "caps.csv"
+    bad_caps.write_text("a,b\n")
+    cases = [
+        (["search", "   "], "empty text query"),
+        (["search", "--image", not_image], "cannot read query image"),
+        (["search", "--image", tmp_path / "nope.jpg"], "not found"),
+        (["search", "x", "-k", "0"], "k must be a positive"),
+        (["search"], "either a text QUERY or --image"),
+        (["index", photo_dir, "--captions", bad_caps, "--no-progress"], "needs 'image' and 'caption' columns"),
+    ]
+    for args, message in cases:
+        result = invoke(*args)
+        assert result.exit_code != 0, args
+        assert message in result.output, (args, result.output)
+        assert "Traceback" not in result.output
+
+
+def test_python_dash_m_and_errors_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "retrieval", "search", "x", "--index", str(tmp_path / "none")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"Error: no index at {tmp_path / 'none'}: build one with `crossmodal index FOLDER --index "
+        f"{tmp_path / 'none'}` (or set CROSSMODAL_INDEX)"]
