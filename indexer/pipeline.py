@@ -30,11 +30,10 @@ from .store import IndexStore
 from .vectors import IndexSpec, VectorStore
 
 
-def default_workers(device_type: str) -> int:
-    cpus = os.cpu_count() or 1
-    # On a CPU the model wants every core; one or two decoders keep up with it. A GPU eats
-    # images as fast as all cores can decode them.
-    return min(16, cpus) if device_type == "cuda" else max(1, cpus // 2)
+def default_workers() -> int:
+    # One decoder per core: on a GPU decoding is the bottleneck; on a CPU measured runs with one
+    # decoder per core kept the model busier than fewer (bench/index_throughput.py).
+    return min(16, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -197,7 +196,7 @@ def _encode_images(run: _Run, root_id: int, jobs: list[EncodeJob]) -> None:
     if not jobs:
         return
     encoder, options, summary, catalog = run.encoder, run.options, run.summary, run.store.catalog
-    workers = options.workers if options.workers is not None else default_workers(encoder.device.type)
+    workers = options.workers if options.workers is not None else default_workers()
     tasks = [DecodeTask(i, job.file.path) for i, job in enumerate(jobs)]
     batches = iter_decoded(tasks, encoder.preprocess, encoder.image_size, batch_size=options.batch_size,
                            workers=workers, use_draft=options.use_draft)
