@@ -90,7 +90,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=300, help="number of JPEGs")
     parser.add_argument("--model", default="ViT-B-32")
-    parser.add_argument("--pretrained", default="none", help="weights do not change the speed; 'none' needs no download")
+    parser.add_argument("--pretrained", default="none",
+                        help="weights do not change the speed; 'none' needs no download")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=None)

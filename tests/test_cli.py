@@ -6,10 +6,10 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from conftest import FakeEncoder
 
 import retrieval.cli
 import retrieval.searcher
-from conftest import FakeEncoder
 from retrieval.cli import cli
 
 

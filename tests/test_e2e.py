@@ -13,10 +13,10 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from conftest import make_image
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import make_image
 from indexer import IndexOptions, load_encoder, update_index
 from indexer.errors import CrossmodalError, ModelMismatch, WeightsUnavailable
 from retrieval import Searcher

@@ -5,10 +5,11 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import FakeEncoder, make_image
+
 from indexer import IndexOptions, IndexStore, update_index
 from indexer.errors import IndexLocked, ModelMismatch, SourceError
+from indexer.vectors import VectorStore
 from retrieval import Searcher
 
 OPTS = IndexOptions(workers=0, progress=False, batch_size=4)
@@ -25,7 +26,6 @@ def consistent(index):
         for modality in ("image", "text"):
             ids = store.catalog.vector_ids(modality)
             on_disk = store.vector_path(modality)
-            from indexer.vectors import VectorStore
             held = VectorStore.load(on_disk).ids() if on_disk.exists() else np.array([], dtype=np.int64)
             assert sorted(held.tolist()) == ids.tolist(), modality
             assert len(set(held.tolist())) == len(held)

@@ -1,0 +1,32 @@
+"""GPU paths: autocast encoding on CUDA agrees with fp32 on the CPU. Skipped without CUDA."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_image
+
+from indexer import IndexOptions, load_encoder, update_index
+from retrieval import Searcher
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+
+
+def test_cuda_embeddings_match_cpu(tmp_path):
+    cpu, gpu = load_encoder("crossmodal-tiny", "none", "cpu"), load_encoder("crossmodal-tiny", "none", "cuda")
+    assert gpu.device.type == "cuda"
+    pixels = torch.randn(8, 3, cpu.image_size, cpu.image_size)
+    a, b = cpu.encode_images(pixels), gpu.encode_images(pixels)
+    assert b.dtype == np.float32
+    np.testing.assert_allclose(np.sum(a * b, axis=1), 1.0, atol=2e-2)  # half-precision autocast
+    t = ["a photo of a cat", "two red squares"]
+    np.testing.assert_allclose(np.sum(cpu.encode_texts(t) * gpu.encode_texts(t), axis=1), 1.0, atol=2e-2)
+
+
+def test_index_and_search_on_cuda(tmp_path):
+    for i in range(6):
+        make_image(tmp_path / "photos" / f"{i}.png", seed=i)
+    encoder = load_encoder("crossmodal-tiny", "none", "cuda")
+    update_index(tmp_path / "photos", tmp_path / "idx", encoder, IndexOptions(progress=False))
+    with Searcher.open(tmp_path / "idx", encoder=encoder) as searcher:
+        hit = searcher.search_image(tmp_path / "photos" / "3.png", to="image", k=1)[0]
+    assert hit.path.endswith("3.png") and hit.score > 0.99
