@@ -19,8 +19,8 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 # The draft keeps the shorter side at least DRAFT_FACTOR times the model's input, so the final
-# bicubic resize still does the last anti-aliased step. 1 is enough to stay within a mean of
-# ~0.006 (normalised units) of a full decode, and decodes 1080p at 1/4 scale instead of 1/2.
+# bicubic resize still does the last anti-aliased step. 1 stays within about one grey level (mean)
+# of a full decode (tests/test_decode.py) and decodes 1080p at 1/4 scale instead of 1/2.
 DRAFT_FACTOR = 1
 
 

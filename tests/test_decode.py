@@ -28,8 +28,8 @@ def test_draft_decode_matches_open_clip_preprocessing(size):
     assert drafted.size[0] < size[0]  # the draft really decoded at reduced size
     assert drafted.info["source_size"] == size
     diff = (preprocess(drafted) - reference).abs()
-    # Normalised units (1.0 is about 70 grey levels): a mean under 0.01 is ~0.7 grey levels.
-    assert diff.mean() < 0.01 and diff.max() < 0.15
+    # Normalised units (1.0 is about 70 grey levels): a mean under 0.02 is under 1.5 grey levels.
+    assert diff.mean() < 0.02 and diff.max() < 0.15
 
 
 def test_exif_orientation_is_applied(tmp_path):
