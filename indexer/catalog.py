@@ -241,11 +241,17 @@ class Catalog:
     # -- schema -------------------------------------------------------------------------------
     def _migrate(self) -> None:
         """Bring the schema up to date; older index files are upgraded in place, newer ones refused."""
+        with self.engine.connect() as conn:
+            # Read first: a searcher opening an up-to-date index must not need to write to it.
+            exists = conn.exec_driver_sql(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'").first()
+            current = (conn.execute(select(func.max(SchemaVersion.version))).scalar() or 0) if exists else 0
+        if current == SCHEMA_VERSION:
+            return
         with self.engine.begin() as conn:
             conn.exec_driver_sql(
                 "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
             )
-            current = conn.execute(select(func.max(SchemaVersion.version))).scalar() or 0
         if current > SCHEMA_VERSION:
             raise SchemaError(
                 f"{self.path} has schema version {current}, newer than this crossmodal understands "

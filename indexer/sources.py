@@ -143,6 +143,16 @@ def sidecar_captions(image: ImageFile, problems: list[Problem]) -> list[TextReco
     return [TextRecord(text, image.rel, f"sidecar:{rel}", n) for n, text in _clean_lines(raw)]
 
 
+def _read_input_file(path: Path, kind: str, problems: list[Problem]) -> tuple[str, str]:
+    """The text of a captions/texts file and the origin its records carry ("captions:/abs/path")."""
+    if not path.is_file():
+        raise SourceError(f"{kind} file not found: {path}")
+    raw = _read_text(path, problems)
+    if raw is None:
+        raise SourceError(f"cannot read {kind} file: {path}")
+    return raw, f"{kind}:{path.resolve()}"
+
+
 def _normalise_rel(value: str) -> str:
     value = value.strip().replace("\\", "/")
     while value.startswith("./"):
@@ -158,12 +168,7 @@ def read_captions_file(path: Path, problems: list[Problem]) -> list[TextRecord]:
     number and skipped; a file that cannot be used at all raises :class:`SourceError`.
     """
     path = Path(path)
-    if not path.is_file():
-        raise SourceError(f"captions file not found: {path}")
-    raw = _read_text(path, problems)
-    if raw is None:
-        raise SourceError(f"cannot read captions file: {path}")
-    origin = f"captions:{path.resolve()}"
+    raw, origin = _read_input_file(path, "captions", problems)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
         return list(_captions_from_jsonl(raw, path, origin, problems))
@@ -216,12 +221,7 @@ def _captions_from_table(
 def read_texts_file(path: Path, problems: list[Problem]) -> list[TextRecord]:
     """Standalone texts: one per non-empty line, or JSONL (``.jsonl``) with a ``text`` field."""
     path = Path(path)
-    if not path.is_file():
-        raise SourceError(f"texts file not found: {path}")
-    raw = _read_text(path, problems)
-    if raw is None:
-        raise SourceError(f"cannot read texts file: {path}")
-    origin = f"texts:{path.resolve()}"
+    raw, origin = _read_input_file(path, "texts", problems)
     records = []
     is_jsonl = path.suffix.lower() in (".jsonl", ".ndjson")
     for number, line in _clean_lines(raw):

@@ -7,6 +7,7 @@ catalog whenever they disagree) and checks that the model in use is the one the 
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -96,8 +97,9 @@ class IndexStore:
         self.close()
 
     # -- what it holds ------------------------------------------------------------------------
-    @property
+    @functools.cached_property
     def meta(self) -> IndexMeta:
+        # Read once: only open_for_writing changes it, before anything reads it.
         meta = self.catalog.meta()
         assert meta is not None, "opened stores always have meta"
         return meta
@@ -163,8 +165,13 @@ def open_encoder(directory: Path, model: str | None = None, pretrained: str | No
     ``pretrained`` alone (no ``model``) points an existing index at its checkpoint's new location.
     """
     if model is None and (Path(directory) / CATALOG_FILE).is_file():
-        with IndexStore.open(directory) as store:
-            return load_encoder_for(store.identity, device, pretrained)
+        try:
+            store = IndexStore.open(directory)
+        except IndexNotFound:  # a catalog with no model recorded yet: treat as a new index
+            pass
+        else:
+            with store:
+                return load_encoder_for(store.identity, device, pretrained)
     name = model or DEFAULT_MODEL
     return load_encoder(name, pretrained if pretrained is not None else default_pretrained(name), device)
 
