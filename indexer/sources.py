@@ -56,6 +56,14 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def _utf8_safe(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _excluded(rel: str, name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(name, p) for p in patterns)
 
@@ -95,6 +103,12 @@ def walk_images(
         for entry in entries:
             name = entry.name
             rel = f"{prefix}{name}"
+            if not _utf8_safe(rel):
+                # The catalog stores UTF-8 text; such names are reported rather than crashing the run.
+                if problems is not None:
+                    problems.append(Problem(os.fsencode(entry.path).decode("utf-8", "backslashreplace"),
+                                            "name is not valid UTF-8; skipped (rename it to index it)"))
+                continue
             if (not include_hidden and _is_hidden(name)) or _excluded(rel, name, patterns):
                 continue
             try:

@@ -114,3 +114,12 @@ def test_bad_utf8_is_decoded_with_a_warning(tmp_path):
     problems = []
     assert read_texts_file(f, problems)[0].text == "caf\ufffd au lait"
     assert "UTF-8" in problems[0].message
+
+
+def test_names_that_are_not_utf8_are_reported_not_fatal(tmp_path):
+    touch(tmp_path / "good.jpg")
+    with open(bytes(tmp_path) + b"/bad\xff.jpg", "wb") as fh:
+        fh.write(b"x")
+    problems = []
+    assert [f.rel for f in walk_images(tmp_path, problems=problems)] == ["good.jpg"]
+    assert "not valid UTF-8" in problems[0].message and "bad\\xff.jpg" in problems[0].where
