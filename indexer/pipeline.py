@@ -21,10 +21,10 @@ import numpy as np
 from tqdm import tqdm
 
 from .catalog import CAPTION, TEXT, ImageWrite, TextWrite
-from .decode import DecodeTask, iter_decoded
+from .decode import DecodedBatch, DecodeTask, iter_decoded
 from .encoder import Encoder, sha256_file
 from .errors import SourceError
-from .plan import EncodeJob, plan_images, plan_texts
+from .plan import EncodeJob, ImagePlan, plan_images, plan_texts
 from .sources import Problem, TextRecord, read_captions_file, read_texts_file, sidecar_captions, walk_images
 from .store import IndexStore
 from .vectors import IndexSpec, VectorStore
@@ -111,12 +111,8 @@ class _Run:
             if report.added or report.removed:
                 self.dirty.add(modality)  # caught up after an interrupted run: persist that
 
-    def put(self, modality: str, ids: list[int], vectors: np.ndarray, replace: bool = False) -> None:
-        store = self.vectors[modality]
-        ids_array = np.asarray(ids, dtype=np.int64)
-        if replace:
-            store.remove(ids_array)
-        store.add(ids_array, vectors)
+    def put(self, modality: str, ids: list[int], vectors: np.ndarray) -> None:
+        self.vectors[modality].add(np.asarray(ids, dtype=np.int64), vectors)
         self.dirty.add(modality)
 
     def drop(self, modality: str, ids: list[int]) -> None:
@@ -165,7 +161,7 @@ def update_index(root: Path, index_dir: Path, encoder: Encoder, options: IndexOp
             _encode_images(run, root_id, plan.encode)
             with run.timer.stage("texts"):
                 records = [r for f in files for r in sidecar_captions(f, problems)] + extra_records
-                _sync_texts(run, root_id, root, records, problems)
+                _sync_texts(run, root_id, root, records)
             store.catalog.mark_root_indexed(root_id)
         finally:
             run.flush(force=True)
@@ -179,7 +175,7 @@ def update_index(root: Path, index_dir: Path, encoder: Encoder, options: IndexOp
     return summary
 
 
-def _apply_plan_without_encoding(run: _Run, plan) -> None:
+def _apply_plan_without_encoding(run: _Run, plan: ImagePlan) -> None:
     catalog, summary = run.store.catalog, run.summary
     catalog.update_image_files((item_id, f.rel, f.size, f.mtime_ns) for item_id, f in plan.restat + plan.moved)
     if plan.gone:
@@ -238,7 +234,7 @@ def _encode_images(run: _Run, root_id: int, jobs: list[EncodeJob]) -> None:
         bar.close()
 
 
-def _vectors_for_batch(run: _Run, batch) -> list[np.ndarray]:
+def _vectors_for_batch(run: _Run, batch: DecodedBatch) -> list[np.ndarray]:
     """Encode the batch, except images whose content already has a vector (identical files)."""
     reuse: dict[str, np.ndarray] = {}
     to_encode: list[int] = []
@@ -261,7 +257,7 @@ def _vectors_for_batch(run: _Run, batch) -> list[np.ndarray]:
     return [reuse[item.sha256] for item in batch.ok]
 
 
-def _sync_texts(run: _Run, root_id: int, root: Path, records: list[TextRecord], problems: list[Problem]) -> None:
+def _sync_texts(run: _Run, root_id: int, root: Path, records: list[TextRecord]) -> None:
     catalog, summary = run.store.catalog, run.summary
     passed = {r.origin for r in records if not r.origin.startswith("sidecar:")}
     passed |= {f"{kind}:{Path(p).resolve()}" for kind, paths in (("captions", run.options.captions),
@@ -269,7 +265,7 @@ def _sync_texts(run: _Run, root_id: int, root: Path, records: list[TextRecord], 
     image_ids = {rel: state.id for rel, state in catalog.image_states(root_id).items()}
     plan = plan_texts(records, catalog.text_states(root_id),
                       lambda origin: origin.startswith("sidecar:") or origin in passed,
-                      image_ids, root, problems)
+                      image_ids, root, run.problems)
     if plan.remove:
         run.drop("text", catalog.delete_items(plan.remove))
     summary.texts_removed = len(plan.remove)
