@@ -48,9 +48,6 @@ class IndexOptions:
     flush_seconds: float = 30.0
     progress: bool = True
     use_draft: bool = True
-    # Decoders in the idle scheduling class; None: only when the model runs on the CPU. On a machine
-    # busy with other work this lets indexing yield almost entirely, hence the switch.
-    idle_decoders: bool | None = None
 
 
 @dataclass
@@ -196,10 +193,9 @@ def _encode_images(run: _Run, root_id: int, jobs: list[EncodeJob]) -> None:
         return
     encoder, options, summary, catalog = run.encoder, run.options, run.summary, run.store.catalog
     workers = options.workers if options.workers is not None else default_workers()
-    idle = options.idle_decoders if options.idle_decoders is not None else encoder.device.type == "cpu"
     tasks = [DecodeTask(i, job.file.path) for i, job in enumerate(jobs)]
     batches = iter_decoded(tasks, encoder.preprocess, encoder.image_size, batch_size=options.batch_size,
-                           workers=workers, use_draft=options.use_draft, idle_priority=idle)
+                           workers=workers, use_draft=options.use_draft)
     bar = tqdm(total=len(jobs), unit="img", desc="indexing", disable=not options.progress, smoothing=0.1)
     try:
         while True:

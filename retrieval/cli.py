@@ -82,14 +82,11 @@ def cli() -> None:
               help="Decoder processes (0 = decode in the main process) [default: one per core, max 16].")
 @click.option("--index-type", type=click.Choice(["flat"]), default="flat", show_default=True,
               help="FAISS index kind for a new index.")
-@click.option("--idle-decoders/--no-idle-decoders", default=None,
-              help="Run decoders at idle CPU priority [default: on when the model runs on the CPU]. "
-                   "Turn off to index at full speed on a machine busy with other work.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @json_option
 @domain_errors
 def index_cmd(root, index_dir, model, pretrained, device, captions, texts, include_hidden, exclude,
-              batch_size, workers, idle_decoders, index_type, progress, as_json):
+              batch_size, workers, index_type, progress, as_json):
     """Index the images (and captions) under ROOT; re-run to update incrementally.
 
     \b
@@ -99,7 +96,7 @@ def index_cmd(root, index_dir, model, pretrained, device, captions, texts, inclu
     encoder = open_encoder(index_dir, model, pretrained, device)
     options = IndexOptions(captions=tuple(captions), texts=tuple(texts), include_hidden=include_hidden,
                            exclude=tuple(exclude), batch_size=batch_size, workers=workers,
-                           spec=IndexSpec(kind=index_type), progress=progress, idle_decoders=idle_decoders)
+                           spec=IndexSpec(kind=index_type), progress=progress)
     summary = update_index(root, index_dir, encoder, options)
     if as_json:
         click.echo(json.dumps(summary.as_dict(), indent=2))

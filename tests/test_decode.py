@@ -1,15 +1,13 @@
 """Decoding: draft mode stays close to open_clip's own preprocessing; odd images come out as RGB."""
 
 import io
-import os
 
 import numpy as np
 import open_clip
 import pytest
-import torch
 from PIL import Image
 
-from indexer.decode import DRAFT_FACTOR, DecodeTask, decode_file, iter_decoded, open_image
+from indexer.decode import DRAFT_FACTOR, DecodeTask, decode_file, open_image
 
 
 def photo_like_jpeg(width: int, height: int, seed: int = 0) -> bytes:
@@ -76,19 +74,3 @@ def test_decode_file_reports_errors_instead_of_raising(tmp_path):
     assert result.sha256 is not None
     missing = decode_file(DecodeTask(4, tmp_path / "gone.jpg"), lambda im: im, None)
     assert "cannot read file" in missing.error
-
-
-class SchedulerProbe:
-    """A 'preprocess' that reports the scheduling policy of the process running it."""
-
-    def __call__(self, image):
-        return torch.tensor([os.sched_getscheduler(0)])
-
-
-@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling classes")
-@pytest.mark.parametrize("idle,policy", [(True, "SCHED_IDLE"), (False, "SCHED_OTHER")])
-def test_decoders_run_at_idle_priority_when_asked(tmp_path, idle, policy):
-    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
-    tasks = [DecodeTask(0, tmp_path / "a.png")]
-    [batch] = list(iter_decoded(tasks, SchedulerProbe(), 4, workers=1, idle_priority=idle))
-    assert batch.pixels[0].item() == getattr(os, policy)
