@@ -25,7 +25,15 @@ from .decode import DecodedBatch, DecodeTask, iter_decoded
 from .encoder import Encoder, sha256_file
 from .errors import SourceError
 from .plan import EncodeJob, ImagePlan, plan_images, plan_texts
-from .sources import Problem, TextRecord, read_captions_file, read_texts_file, sidecar_captions, walk_images
+from .sources import (
+    Problem,
+    TextRecord,
+    file_origin,
+    read_captions_file,
+    read_texts_file,
+    sidecar_captions,
+    walk_images,
+)
 from .store import IndexStore
 from .vectors import IndexSpec, VectorStore
 
@@ -259,9 +267,9 @@ def _vectors_for_batch(run: _Run, batch: DecodedBatch) -> list[np.ndarray]:
 
 def _sync_texts(run: _Run, root_id: int, root: Path, records: list[TextRecord]) -> None:
     catalog, summary = run.store.catalog, run.summary
-    passed = {r.origin for r in records if not r.origin.startswith("sidecar:")}
-    passed |= {f"{kind}:{Path(p).resolve()}" for kind, paths in (("captions", run.options.captions),
-                                                               ("texts", run.options.texts)) for p in paths}
+    # Files passed this run are synced (their removed lines leave the index); others are left alone.
+    passed = {file_origin("captions", p) for p in run.options.captions}
+    passed |= {file_origin("texts", p) for p in run.options.texts}
     image_ids = {rel: state.id for rel, state in catalog.image_states(root_id).items()}
     plan = plan_texts(records, catalog.text_states(root_id),
                       lambda origin: origin.startswith("sidecar:") or origin in passed,

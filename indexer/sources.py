@@ -157,14 +157,19 @@ def sidecar_captions(image: ImageFile, problems: list[Problem]) -> list[TextReco
     return [TextRecord(text, image.rel, f"sidecar:{rel}", n) for n, text in _clean_lines(raw)]
 
 
+def file_origin(kind: str, path: Path) -> str:
+    """The origin that records from a captions or texts file carry, e.g. "captions:/abs/caps.jsonl"."""
+    return f"{kind}:{Path(path).resolve()}"
+
+
 def _read_input_file(path: Path, kind: str, problems: list[Problem]) -> tuple[str, str]:
-    """The text of a captions/texts file and the origin its records carry ("captions:/abs/path")."""
+    """The text of a captions/texts file and the origin its records carry."""
     if not path.is_file():
         raise SourceError(f"{kind} file not found: {path}")
     raw = _read_text(path, problems)
     if raw is None:
         raise SourceError(f"cannot read {kind} file: {path}")
-    return raw, f"{kind}:{path.resolve()}"
+    return raw, file_origin(kind, path)
 
 
 def _normalise_rel(value: str) -> str:

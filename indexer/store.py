@@ -158,22 +158,30 @@ class IndexStore:
         }
 
 
-def open_encoder(directory: Path, model: str | None = None, pretrained: str | None = None,
-                 device: str = "auto") -> Encoder:
-    """The model to use with the index at ``directory``: the one it was built with, unless ``model`` is given.
+def encoder_for(identity: ModelIdentity | None, model: str | None = None, pretrained: str | None = None,
+                device: str = "auto") -> Encoder:
+    """The model to use with an index built by ``identity`` (None: a new index).
 
-    ``pretrained`` alone (no ``model``) points an existing index at its checkpoint's new location.
+    Without ``model`` that is the index's own model; ``pretrained`` alone then points it at its
+    checkpoint's new location. A new index without ``model`` gets the default model.
     """
-    if model is None and (Path(directory) / CATALOG_FILE).is_file():
-        try:
-            store = IndexStore.open(directory)
-        except IndexNotFound:  # a catalog with no model recorded yet: treat as a new index
-            pass
-        else:
-            with store:
-                return load_encoder_for(store.identity, device, pretrained)
+    if model is None and identity is not None:
+        return load_encoder_for(identity, device, pretrained)
     name = model or DEFAULT_MODEL
     return load_encoder(name, pretrained if pretrained is not None else default_pretrained(name), device)
+
+
+def open_encoder(directory: Path, model: str | None = None, pretrained: str | None = None,
+                 device: str = "auto") -> Encoder:
+    """:func:`encoder_for` the index at ``directory``, which need not exist yet."""
+    identity = None
+    if (Path(directory) / CATALOG_FILE).is_file():
+        try:
+            with IndexStore.open(directory) as store:
+                identity = store.identity
+        except IndexNotFound:  # a catalog with no model recorded yet: a new index
+            pass
+    return encoder_for(identity, model, pretrained, device)
 
 
 def _acquire_lock(directory: Path) -> int:

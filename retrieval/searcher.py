@@ -15,7 +15,7 @@ from PIL import Image
 from indexer.decode import DRAFT_FACTOR, open_image
 from indexer.encoder import Encoder
 from indexer.errors import QueryError
-from indexer.store import MODALITIES, IndexStore, open_encoder
+from indexer.store import MODALITIES, IndexStore, encoder_for
 from indexer.vectors import VectorStore
 
 MAX_K = 10_000
@@ -64,7 +64,7 @@ class Searcher:
     @property
     def encoder(self) -> Encoder:
         if self._encoder is None:
-            encoder = open_encoder(self.store.directory, self._model, self._pretrained, self._device)
+            encoder = encoder_for(self.store.identity, self._model, self._pretrained, self._device)
             self.store.identity.require_same(encoder.identity, f"query the index at {self.store.directory}")
             self._encoder = encoder
         return self._encoder

@@ -17,7 +17,7 @@ from retrieval.cli import cli
 def invoke(monkeypatch, tmp_path):
     encoder = FakeEncoder()
     monkeypatch.setattr(retrieval.cli, "open_encoder", lambda *a, **k: encoder)
-    monkeypatch.setattr(retrieval.searcher, "open_encoder", lambda *a, **k: encoder)
+    monkeypatch.setattr(retrieval.searcher, "encoder_for", lambda *a, **k: encoder)
     monkeypatch.setenv("CROSSMODAL_INDEX", str(tmp_path / "idx"))
     runner = CliRunner()
 
