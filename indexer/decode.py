@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,12 @@ class _FileDataset(Dataset):
         return decode_file(self.tasks[index], self.preprocess, self.draft_size)
 
 
+def _ignore_interrupts(_worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group; only the main process should act on it (stop after
+    # the current batch, flush, say how to resume), not every decoder with a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _collate(items: list[Decoded]) -> DecodedBatch:
     batch = DecodedBatch()
     for item in items:
@@ -131,6 +138,7 @@ def iter_decoded(
         batch_size=None,
         num_workers=workers,
         prefetch_factor=2 * batch_size if workers > 0 else None,
+        worker_init_fn=_ignore_interrupts if workers > 0 else None,
     )
     pending: list[Decoded] = []
     for item in loader:
