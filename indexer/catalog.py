@@ -220,7 +220,7 @@ def _blob(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
 
 
-def _chunks(values: Sequence[int], size: int = 900) -> Iterator[Sequence[int]]:
+def _chunks(values: Sequence, size: int = 900) -> Iterator[Sequence]:
     # SQLite limits bound parameters per statement; stay well under the historic 999.
     for start in range(0, len(values), size):
         yield values[start : start + size]
@@ -349,13 +349,16 @@ class Catalog:
                 deleted.extend(everything)
         return deleted
 
-    def vector_for_hash(self, modality: str, sha256: str) -> np.ndarray | None:
-        """A stored vector of any item of ``modality`` with this content hash (for encode-once)."""
-        q = (select(VectorRow.data).join(ItemRow, ItemRow.id == VectorRow.item_id)
-             .where(ItemRow.kind.in_(MODALITY_KINDS[modality]), ItemRow.sha256 == sha256).limit(1))
+    def vectors_for_hashes(self, modality: str, hashes: Iterable[str]) -> dict[str, np.ndarray]:
+        """A stored vector for each content hash that has one, in ``modality`` (for encode-once)."""
+        found: dict[str, np.ndarray] = {}
         with Session(self.engine) as s:
-            data = s.scalar(q)
-        return None if data is None else np.frombuffer(data, dtype=np.float32).copy()
+            for chunk in _chunks(list(set(hashes))):
+                q = (select(ItemRow.sha256, VectorRow.data).join(ItemRow, ItemRow.id == VectorRow.item_id)
+                     .where(ItemRow.kind.in_(MODALITY_KINDS[modality]), ItemRow.sha256.in_(chunk)))
+                for digest, data in s.execute(q):
+                    found.setdefault(digest, np.frombuffer(data, dtype=np.float32).copy())
+        return found
 
     # -- texts --------------------------------------------------------------------------------
     def text_states(self, root_id: int) -> list[TextState]:

@@ -13,6 +13,7 @@ import hashlib
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -242,27 +243,31 @@ def _encode_images(run: _Run, root_id: int, jobs: list[EncodeJob]) -> None:
         bar.close()
 
 
+def _reuse_or_encode(run: _Run, modality: str, hashes: list[str],
+                     encode: Callable[[list[int]], np.ndarray]) -> list[np.ndarray]:
+    """Vectors for items given by content hash: stored ones are reused, each new hash is encoded once.
+
+    ``encode`` gets the positions (in ``hashes``) of the first item of every new hash.
+    """
+    found = run.store.catalog.vectors_for_hashes(modality, hashes)
+    first: dict[str, int] = {}
+    for position, digest in enumerate(hashes):
+        if digest not in found:
+            first.setdefault(digest, position)
+    if first:
+        found.update(zip(first, encode(list(first.values()))))
+    run.summary.duplicates += len(hashes) - len(first)
+    return [found[digest] for digest in hashes]
+
+
 def _vectors_for_batch(run: _Run, batch: DecodedBatch) -> list[np.ndarray]:
     """Encode the batch, except images whose content already has a vector (identical files)."""
-    reuse: dict[str, np.ndarray] = {}
-    to_encode: list[int] = []
-    first_row: dict[str, int] = {}
-    for row, item in enumerate(batch.ok):
-        if item.sha256 in reuse or item.sha256 in first_row:
-            continue
-        stored = run.store.catalog.vector_for_hash("image", item.sha256)
-        if stored is not None:
-            reuse[item.sha256] = stored
-        else:
-            first_row[item.sha256] = row
-            to_encode.append(row)
-    if to_encode:
-        encoded = run.encoder.encode_images(batch.pixels[to_encode])
-        for row, vector in zip(to_encode, encoded):
-            reuse[batch.ok[row].sha256] = vector
-        run.summary.encoded_images += len(to_encode)
-    run.summary.duplicates += len(batch.ok) - len(to_encode)
-    return [reuse[item.sha256] for item in batch.ok]
+
+    def encode(rows: list[int]) -> np.ndarray:
+        run.summary.encoded_images += len(rows)
+        return run.encoder.encode_images(batch.pixels[rows])
+
+    return _reuse_or_encode(run, "image", [item.sha256 for item in batch.ok], encode)
 
 
 def _sync_texts(run: _Run, root_id: int, root: Path, records: list[TextRecord]) -> None:
@@ -292,18 +297,8 @@ def _sync_texts(run: _Run, root_id: int, root: Path, records: list[TextRecord]) 
 
 
 def _text_vectors(run: _Run, texts: list[str]) -> list[np.ndarray]:
-    found: dict[str, np.ndarray] = {}
-    missing: list[str] = []
-    for text in dict.fromkeys(texts):
-        stored = run.store.catalog.vector_for_hash("text", text_sha256(text))
-        if stored is not None:
-            found[text] = stored
-        else:
-            missing.append(text)
-    if missing:
-        for text, vector in zip(missing, run.encoder.encode_texts(missing)):
-            found[text] = vector
-        run.summary.encoded_texts += len(missing)
-    run.summary.duplicates += len(texts) - len(missing)
-    return [found[t] for t in texts]
+    def encode(positions: list[int]) -> np.ndarray:
+        run.summary.encoded_texts += len(positions)
+        return run.encoder.encode_texts([texts[p] for p in positions])
 
+    return _reuse_or_encode(run, "text", [text_sha256(t) for t in texts], encode)

@@ -74,7 +74,10 @@ def test_images_vectors_and_cascading_delete(catalog):
     assert catalog.vector_ids("image").tolist() == [a]
     assert catalog.vector_ids("text").tolist() == [cap]
     np.testing.assert_array_equal(catalog.vectors([a], 4)[0], unit(1))
-    np.testing.assert_array_equal(catalog.vector_for_hash("image", "ha"), unit(1))
+    found = catalog.vectors_for_hashes("image", ["ha", "unknown"])
+    assert list(found) == ["ha"]
+    np.testing.assert_array_equal(found["ha"], unit(1))
+    assert catalog.vectors_for_hashes("text", ["ha"]) == {}
     views = catalog.items([a, cap])
     assert views[a].path == "/photos/a.jpg" and views[cap].path == "/photos/a.jpg" and views[cap].text == "an a"
     assert catalog.counts() == {"image": 2, "caption": 1, "text": 0, "skipped": 1, "vectors": 2}
@@ -88,7 +91,7 @@ def test_overwrite_keeps_id_and_replaces_vector(catalog):
     [same] = catalog.write_images(root, [ImageWrite("a.jpg", 11, 2, "h2", vector=unit(2), id=a)])
     assert same == a
     np.testing.assert_array_equal(catalog.vectors([a], 4)[0], unit(2))
-    assert catalog.vector_for_hash("image", "h1") is None
+    assert catalog.vectors_for_hashes("image", ["h1"]) == {}
 
 
 def test_ids_are_never_reused(catalog):
