@@ -248,14 +248,14 @@ class Catalog:
             current = (conn.execute(select(func.max(SchemaVersion.version))).scalar() or 0) if exists else 0
         if current == SCHEMA_VERSION:
             return
-        with self.engine.begin() as conn:
-            conn.exec_driver_sql(
-                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
-            )
         if current > SCHEMA_VERSION:
             raise SchemaError(
                 f"{self.path} has schema version {current}, newer than this crossmodal understands "
                 f"({SCHEMA_VERSION}); upgrade crossmodal-search"
+            )
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
             )
         for version in range(current + 1, SCHEMA_VERSION + 1):
             raw = self.engine.raw_connection()
