@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import multiprocessing
+import os
 import signal
+import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,17 +92,48 @@ def decode_file(task: DecodeTask, preprocess: Callable, draft_size: int | None) 
     return Decoded(task.key, sha256=digest, width=width, height=height, pixels=pixels)
 
 
+# A wait this long for one decoded image means the decoders are not getting the CPU (another
+# program keeps every core busy), not that an image is slow: a 12 MP JPEG takes ~40 ms.
+STARVED_AFTER_S = 1.0
+
+
+def _lower_priority() -> None:
+    # SCHED_IDLE (Linux) runs this thread only on time no other thread of the machine wants.
+    if hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError:
+            pass
+
+
 class _FileDataset(Dataset):
-    def __init__(self, tasks: Sequence[DecodeTask], preprocess: Callable, draft_size: int | None):
+    """Decodes on an idle-priority thread while the model keeps the cores busy.
+
+    On a CPU the model's threads leave short gaps (waiting for each other between layers); at idle
+    priority the decoders run in those gaps and are preempted the moment the model wants the core
+    back. At normal priority a decoder preempts one model thread and the other one waits for it at
+    the next barrier, so each decoded image costs the model about twice its decode time. An
+    unprivileged thread cannot leave SCHED_IDLE again, so the decode runs on a helper thread and the
+    worker's own (normal priority) thread takes over once the main process reports starvation.
+    """
+
+    def __init__(self, tasks: Sequence[DecodeTask], preprocess: Callable, draft_size: int | None, starved):
         self.tasks = tasks
         self.preprocess = preprocess
         self.draft_size = draft_size
+        self.starved = starved
+        self._idle: ThreadPoolExecutor | None = None
 
     def __len__(self) -> int:
         return len(self.tasks)
 
     def __getitem__(self, index: int) -> Decoded:
-        return decode_file(self.tasks[index], self.preprocess, self.draft_size)
+        args = (self.tasks[index], self.preprocess, self.draft_size)
+        if self.starved is None or self.starved.value:
+            return decode_file(*args)
+        if self._idle is None:
+            self._idle = ThreadPoolExecutor(1, initializer=_lower_priority)
+        return self._idle.submit(decode_file, *args).result()
 
 
 def _ignore_interrupts(_worker_id: int) -> None:
@@ -126,6 +161,7 @@ def iter_decoded(
     batch_size: int = 32,
     workers: int = 2,
     use_draft: bool = True,
+    idle_priority: bool = True,
 ) -> Iterator[DecodedBatch]:
     """Decode ``tasks`` in ``workers`` processes (0 = in this process), yielding batches in order.
 
@@ -133,18 +169,26 @@ def iter_decoded(
     ``batch_size / workers`` decodes instead of ``batch_size``, and no worker sits on a half-done batch.
     """
     draft_size = image_size * DRAFT_FACTOR if use_draft else None
+    starved = multiprocessing.Value("b", 0, lock=False) if workers > 0 and idle_priority else None
     loader = DataLoader(
-        _FileDataset(tasks, preprocess, draft_size),
+        _FileDataset(tasks, preprocess, draft_size, starved),
         batch_size=None,
         num_workers=workers,
         prefetch_factor=2 * batch_size if workers > 0 else None,
         worker_init_fn=_ignore_interrupts if workers > 0 else None,
     )
     pending: list[Decoded] = []
+    # The first batch is smaller so the model starts after a few decodes instead of a whole batch;
+    # on a CPU that is most of the time the model would otherwise sit waiting.
+    wanted = min(batch_size, max(2 * workers, batch_size // 4))
+    waited_since = time.monotonic()
     for item in loader:
+        if starved is not None and time.monotonic() - waited_since > STARVED_AFTER_S:
+            starved.value = 1
         pending.append(item)
-        if len(pending) == batch_size:
+        if len(pending) == wanted:
             yield _collate(pending)
-            pending = []
+            pending, wanted = [], batch_size
+        waited_since = time.monotonic()
     if pending:
         yield _collate(pending)

@@ -1,13 +1,17 @@
 """Decoding: draft mode stays close to open_clip's own preprocessing; odd images come out as RGB."""
 
 import io
+import multiprocessing
+import os
 
 import numpy as np
 import open_clip
 import pytest
+import torch
 from PIL import Image
 
-from indexer.decode import DRAFT_FACTOR, DecodeTask, decode_file, open_image
+from indexer import decode
+from indexer.decode import DRAFT_FACTOR, Decoded, DecodeTask, decode_file, iter_decoded, open_image
 
 
 def photo_like_jpeg(width: int, height: int, seed: int = 0) -> bytes:
@@ -74,3 +78,44 @@ def test_decode_file_reports_errors_instead_of_raising(tmp_path):
     assert result.sha256 is not None
     missing = decode_file(DecodeTask(4, tmp_path / "gone.jpg"), lambda im: im, None)
     assert "cannot read file" in missing.error
+
+
+def _write_jpegs(folder, n):
+    paths = []
+    for i in range(n):
+        path = folder / f"{i}.jpg"
+        path.write_bytes(photo_like_jpeg(64 + 8 * i, 48, seed=i))
+        paths.append(path)
+    return paths
+
+
+def test_workers_yield_every_image_in_order_with_a_small_first_batch(tmp_path):
+    preprocess = open_clip.image_transform(32, is_train=False)
+    tasks = [DecodeTask(i, p) for i, p in enumerate(_write_jpegs(tmp_path, 11))]
+    batches = list(iter_decoded(tasks, preprocess, 32, batch_size=8, workers=2))
+    assert [len(b.ok) for b in batches] == [4, 7]  # first batch max(2 * workers, batch // 4)
+    keys = [item.key for b in batches for item in b.ok]
+    assert keys == list(range(11))
+    pixels = torch.cat([b.pixels for b in batches])
+    for task, row in zip(tasks, pixels):
+        assert torch.equal(row, decode_file(task, preprocess, 32).pixels)
+
+
+def _policy_probe(task, _preprocess, _draft_size):
+    # Stands in for decode_file inside the forked workers: reports the scheduling policy it ran under.
+    return Decoded(task.key, error=str(os.sched_getscheduler(0)))
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE") or multiprocessing.get_start_method() != "fork",
+                    reason="Linux scheduling policies, fork start method")
+@pytest.mark.parametrize("starved_after, policy", [(60.0, "SCHED_IDLE"), (0.0, "SCHED_OTHER")])
+def test_decoders_run_at_idle_priority_until_starved(tmp_path, monkeypatch, starved_after, policy):
+    monkeypatch.setattr(decode, "decode_file", _policy_probe)
+    monkeypatch.setattr(decode, "STARVED_AFTER_S", starved_after)
+    tasks = [DecodeTask(i, tmp_path / f"{i}.jpg") for i in range(12)]
+    # Two batches of 4 so every worker has asked for work after the flag could be raised.
+    policies = [int(item.error) for b in iter_decoded(tasks, None, 32, batch_size=4, workers=1) for item in b.failed]
+    assert len(policies) == 12
+    # A zero threshold marks the run starved at the first item; items the worker picks up after
+    # that decode at normal priority (earlier ones were already prefetched at idle priority).
+    assert policies[-1] == getattr(os, policy)
