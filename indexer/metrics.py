@@ -1,0 +1,63 @@
+"""Retrieval recall@k, defined as CLIP_benchmark's ``zeroshot_retrieval.py`` defines it.
+
+Lives in ``indexer`` because training reports validation recall; ``retrieval`` evaluation uses it too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def first_hit_ranks(queries: np.ndarray, gallery: np.ndarray, positives: Sequence[Sequence[int]],
+                    block: int = 1024) -> np.ndarray:
+    """1-based rank of the best-ranked correct gallery item for every query (exact inner product).
+
+    Items are ordered by descending score; ties are broken by gallery position, as a stable sort
+    would. A query with no positives gets rank ``len(gallery) + 1``. Scores are computed in blocks
+    of ``block`` queries, so memory stays at ``block x len(gallery)`` floats.
+    """
+    ranks = np.full(len(queries), len(gallery) + 1, dtype=np.int64)
+    order = np.arange(len(gallery))
+    for start in range(0, len(queries), block):
+        scores = queries[start:start + block] @ gallery.T
+        for row, score in enumerate(scores):
+            pos = np.asarray(positives[start + row], dtype=np.int64)
+            if pos.size == 0:
+                continue
+            best = pos[np.argmax(score[pos])]
+            best = pos[score[pos] == score[best]].min()  # among equal-scoring positives, the first
+            above = np.count_nonzero(score > score[best])
+            tied_before = np.count_nonzero((score == score[best]) & (order < best))
+            ranks[start + row] = above + tied_before + 1
+    return ranks
+
+
+def recall_at_k(image_vectors: np.ndarray, text_vectors: np.ndarray, text_image: Sequence[int],
+                ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict[str, float]]:
+    """Text->image and image->text recall@k over unit vectors, with mean and median first-hit rank.
+
+    - text->image R@k: for every text, 1 if its own image is among the k highest-scoring images;
+      averaged over texts.
+    - image->text R@k: for every image, 1 if at least one of its texts is among the k
+      highest-scoring texts; averaged over images that have a text (the CLIP paper's definition).
+
+    ``text_image[t]`` is the row in ``image_vectors`` of text ``t``'s image.
+    """
+    text_image = np.asarray(text_image, dtype=np.int64)
+    captions_of: list[list[int]] = [[] for _ in range(len(image_vectors))]
+    for t, i in enumerate(text_image):
+        captions_of[i].append(t)
+    with_text = [i for i, c in enumerate(captions_of) if c]
+    t2i = first_hit_ranks(text_vectors, image_vectors, [[i] for i in text_image])
+    i2t = first_hit_ranks(image_vectors[with_text], text_vectors, [captions_of[i] for i in with_text])
+    return {"text_to_image": _summary(t2i, ks), "image_to_text": _summary(i2t, ks)}
+
+
+def _summary(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
+    out = {f"R@{k}": float(np.mean(ranks <= k)) if len(ranks) else 0.0 for k in ks}
+    out["mean_rank"] = float(ranks.mean()) if len(ranks) else 0.0
+    out["median_rank"] = float(np.median(ranks)) if len(ranks) else 0.0
+    out["queries"] = int(len(ranks))
+    return out
