@@ -52,12 +52,35 @@ def recall_at_k(image_vectors: np.ndarray, text_vectors: np.ndarray, text_image:
     with_text = [i for i, c in enumerate(captions_of) if c]
     t2i = first_hit_ranks(text_vectors, image_vectors, [[i] for i in text_image])
     i2t = first_hit_ranks(image_vectors[with_text], text_vectors, [captions_of[i] for i in with_text])
-    return {"text_to_image": _summary(t2i, ks), "image_to_text": _summary(i2t, ks)}
+    return {"text_to_image": summarise_ranks(t2i, ks), "image_to_text": summarise_ranks(i2t, ks)}
 
 
-def _summary(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
+def summarise_ranks(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
+    """R@k (share of ranks <= k), mean and median rank, and the number of queries."""
     out = {f"R@{k}": float(np.mean(ranks <= k)) if len(ranks) else 0.0 for k in ks}
     out["mean_rank"] = float(ranks.mean()) if len(ranks) else 0.0
     out["median_rank"] = float(np.median(ranks)) if len(ranks) else 0.0
     out["queries"] = int(len(ranks))
     return out
+
+
+
+def ann_agreement(queries: np.ndarray, gallery: np.ndarray, found: np.ndarray, ks: Sequence[int],
+                  block: int = 1024) -> dict[str, float]:
+    """Share of the exact top-k that an approximate search returned, for each k (1.0 = exact).
+
+    ``found`` holds gallery row positions (-1 for missing) from the approximate search, best first.
+    A returned item counts when its exact score is at least the exact k-th best score, so items
+    tied at the boundary count whichever of them a search returns.
+    """
+    hits = {k: 0.0 for k in ks}
+    for start in range(0, len(queries), block):
+        scores = queries[start:start + block] @ gallery.T
+        rows = found[start:start + block]
+        got = np.where(rows >= 0, np.take_along_axis(scores, np.maximum(rows, 0), axis=1), -np.inf)
+        ordered = -np.sort(-scores, axis=1)
+        for k in ks:
+            k_eff = min(k, gallery.shape[0])
+            kth = ordered[:, k_eff - 1:k_eff]
+            hits[k] += float(np.sum(np.count_nonzero(got[:, :k_eff] >= kth - 1e-6, axis=1) / k_eff))
+    return {f"@{k}": hits[k] / max(1, len(queries)) for k in ks}

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from indexer.metrics import first_hit_ranks, recall_at_k
+from indexer.metrics import ann_agreement, first_hit_ranks, recall_at_k
 
 
 def reference(image_vectors, text_vectors, text_image, k):
@@ -43,3 +43,13 @@ def test_ties_go_to_the_earlier_item_and_blocks_do_not_matter():
     assert ranks.tolist() == [1, 2, 1]
     assert first_hit_ranks(queries, gallery, [[0], [1], [2]], block=1).tolist() == [1, 2, 1]
     assert first_hit_ranks(queries, gallery, [[1, 0], [], [2]]).tolist() == [1, 4, 1]
+
+
+def test_ann_agreement_counts_overlap_with_exact_top_k_and_forgives_ties():
+    gallery = np.array([[1.0, 0.0], [0.9, 0.1], [0.9, 0.1], [0.0, 1.0]], dtype=np.float32)
+    queries = np.array([[1.0, 0.0]], dtype=np.float32)
+    assert ann_agreement(queries, gallery, np.array([[0, 1]]), (1, 2))["@2"] == 1.0
+    assert ann_agreement(queries, gallery, np.array([[0, 2]]), (1, 2))["@2"] == 1.0  # 1 and 2 tie
+    result = ann_agreement(queries, gallery, np.array([[3, 0]]), (1, 2))
+    assert result == {"@1": 0.0, "@2": 0.5}
+    assert ann_agreement(queries, gallery, np.array([[0, -1]]), (2,))["@2"] == 0.5
