@@ -33,6 +33,8 @@ RANDOM_INIT = "none"
 # Our own architectures (the tiny test model, the demo model) are ordinary open_clip names.
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
+# Weights that ship with the package, used when such a model is named without --pretrained.
+BUNDLED_WEIGHTS = {"crossmodal-demo": Path(__file__).parent / "weights" / "crossmodal-demo.safetensors"}
 
 
 @dataclass(frozen=True)
@@ -145,9 +147,11 @@ def _resolve_weights(name: str, pretrained: str | None) -> tuple[str | None, str
 
 
 def default_pretrained(name: str) -> str:
-    """The weights to use when only a model name is given: ours for the default model, else ask."""
+    """The weights to use when only a model name is given: the default tag, bundled weights, else ask."""
     if name == DEFAULT_MODEL:
         return DEFAULT_PRETRAINED
+    if name in BUNDLED_WEIGHTS and BUNDLED_WEIGHTS[name].is_file():
+        return str(BUNDLED_WEIGHTS[name])
     tags = open_clip.list_pretrained_tags_by_model(name)
     choices = f"a tag ({', '.join(tags)}), " if tags else ""
     raise CrossmodalError(

@@ -10,28 +10,41 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def first_hit_ranks(queries: np.ndarray, gallery: np.ndarray, positives: Sequence[Sequence[int]],
-                    block: int = 1024) -> np.ndarray:
-    """1-based rank of the best-ranked correct gallery item for every query (exact inner product).
+def positive_ranks(queries: np.ndarray, gallery: np.ndarray, positives: Sequence[Sequence[int]],
+                   block: int = 1024) -> list[np.ndarray]:
+    """1-based rank of every correct gallery item of every query (exact inner product).
 
     Items are ordered by descending score; ties are broken by gallery position, as a stable sort
-    would. A query with no positives gets rank ``len(gallery) + 1``. Scores are computed in blocks
-    of ``block`` queries, so memory stays at ``block x len(gallery)`` floats.
+    would. Scores are computed ``block`` queries at a time, so memory stays at ``block x
+    len(gallery)`` floats however large the gallery and the query set are.
     """
-    ranks = np.full(len(queries), len(gallery) + 1, dtype=np.int64)
+    out: list[np.ndarray] = []
     order = np.arange(len(gallery))
     for start in range(0, len(queries), block):
         scores = queries[start:start + block] @ gallery.T
         for row, score in enumerate(scores):
             pos = np.asarray(positives[start + row], dtype=np.int64)
-            if pos.size == 0:
-                continue
-            best = pos[np.argmax(score[pos])]
-            best = pos[score[pos] == score[best]].min()  # among equal-scoring positives, the first
-            above = np.count_nonzero(score > score[best])
-            tied_before = np.count_nonzero((score == score[best]) & (order < best))
-            ranks[start + row] = above + tied_before + 1
-    return ranks
+            ranks = [np.count_nonzero(score > score[p]) + np.count_nonzero((score == score[p]) & (order < p)) + 1
+                     for p in pos]
+            out.append(np.asarray(ranks, dtype=np.int64))
+    return out
+
+
+def first_hit_ranks(queries: np.ndarray, gallery: np.ndarray, positives: Sequence[Sequence[int]],
+                    block: int = 1024) -> np.ndarray:
+    """Rank of the best-ranked correct item per query; ``len(gallery) + 1`` for a query without one."""
+    return np.array([r.min() if r.size else len(gallery) + 1
+                     for r in positive_ranks(queries, gallery, positives, block)], dtype=np.int64)
+
+
+def true_recall(ranks: Sequence[np.ndarray], ks: Sequence[int]) -> dict[str, float]:
+    """Per query, the share of its correct items within the top k, averaged over queries with any.
+
+    For image->text this is "matched captions in top-k / captions of that image", as opposed to the
+    CLIP-paper R@k, which asks for at least one.
+    """
+    ranks = [r for r in ranks if r.size]
+    return {f"R@{k}": float(np.mean([np.mean(r <= k) for r in ranks])) if ranks else 0.0 for k in ks}
 
 
 def recall_at_k(image_vectors: np.ndarray, text_vectors: np.ndarray, text_image: Sequence[int],
@@ -42,6 +55,7 @@ def recall_at_k(image_vectors: np.ndarray, text_vectors: np.ndarray, text_image:
       averaged over texts.
     - image->text R@k: for every image, 1 if at least one of its texts is among the k
       highest-scoring texts; averaged over images that have a text (the CLIP paper's definition).
+    - image->text ``true_recall`` R@k: per image, the share of its texts among the top k, averaged.
 
     ``text_image[t]`` is the row in ``image_vectors`` of text ``t``'s image.
     """
@@ -51,8 +65,10 @@ def recall_at_k(image_vectors: np.ndarray, text_vectors: np.ndarray, text_image:
         captions_of[i].append(t)
     with_text = [i for i, c in enumerate(captions_of) if c]
     t2i = first_hit_ranks(text_vectors, image_vectors, [[i] for i in text_image])
-    i2t = first_hit_ranks(image_vectors[with_text], text_vectors, [captions_of[i] for i in with_text])
-    return {"text_to_image": summarise_ranks(t2i, ks), "image_to_text": summarise_ranks(i2t, ks)}
+    i2t = positive_ranks(image_vectors[with_text], text_vectors, [captions_of[i] for i in with_text])
+    image_to_text = summarise_ranks(np.array([r.min() for r in i2t], dtype=np.int64), ks)
+    image_to_text["true_recall"] = true_recall(i2t, ks)
+    return {"text_to_image": summarise_ranks(t2i, ks), "image_to_text": image_to_text}
 
 
 def summarise_ranks(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:

@@ -30,3 +30,18 @@ def test_index_and_search_on_cuda(tmp_path):
     with Searcher.open(tmp_path / "idx", encoder=encoder) as searcher:
         hit = searcher.search_image(tmp_path / "photos" / "3.png", to="image", k=1)[0]
     assert hit.path.endswith("3.png") and hit.score > 0.99
+
+
+def test_training_with_amp_on_cuda(tmp_path):
+    from indexer.pairs import read_pairs
+    from indexer.synth import write_corpus
+    from indexer.train import TrainOptions, train
+
+    write_corpus(tmp_path / "c", 40, seed=3, test=0, val=8, side=32)
+    pairs = read_pairs(tmp_path / "c" / "dataset_synth.json", split="train")
+    encoder = load_encoder("crossmodal-tiny", "none", "cuda")
+    summary = train(encoder, pairs, read_pairs(tmp_path / "c" / "dataset_synth.json", split="val"),
+                    TrainOptions(out=tmp_path / "run", batch_size=16, max_steps=4, warmup_steps=1, workers=0,
+                                 progress=False))
+    assert summary.steps == 4 and np.isfinite(summary.loss)
+    assert summary.validation["text_to_image"]["queries"] == 24

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from indexer.metrics import ann_agreement, first_hit_ranks, recall_at_k
+from indexer.metrics import ann_agreement, first_hit_ranks, positive_ranks, recall_at_k, true_recall
 
 
 def reference(image_vectors, text_vectors, text_image, k):
@@ -53,3 +53,19 @@ def test_ann_agreement_counts_overlap_with_exact_top_k_and_forgives_ties():
     result = ann_agreement(queries, gallery, np.array([[3, 0]]), (1, 2))
     assert result == {"@1": 0.0, "@2": 0.5}
     assert ann_agreement(queries, gallery, np.array([[0, -1]]), (2,))["@2"] == 0.5
+
+
+def test_hand_built_cases_rank_k_exactly_and_one_of_five_captions():
+    # Query 0's positive is at rank 3 exactly: in R@3, not in R@2.
+    gallery = np.eye(4, dtype=np.float32)
+    query = np.array([[0.9, 0.8, 0.7, 0.1]], dtype=np.float32)
+    assert first_hit_ranks(query, gallery, [[2]]).tolist() == [3]
+    # An image with five captions of which only one scores high: found at R@1 (CLIP-paper recall),
+    # while true recall@1 counts one caption of five.
+    texts = np.array([[1, 0], [0, 1], [0, 1], [0, 1], [0, 1], [0.6, 0.8]], dtype=np.float32)
+    image = np.array([[1.0, 0.0]], dtype=np.float32)
+    ranks = positive_ranks(image, texts, [[0, 1, 2, 3, 4]])
+    assert ranks[0].tolist() == [1, 3, 4, 5, 6]
+    assert true_recall(ranks, (1, 5)) == {"R@1": 0.2, "R@5": 0.8}
+    result = recall_at_k(image, texts[:5], [0, 0, 0, 0, 0], ks=(1,))
+    assert result["image_to_text"]["R@1"] == 1.0 and result["image_to_text"]["true_recall"]["R@1"] == 0.2
