@@ -9,6 +9,7 @@ index kind. The schema is created by append-only migrations recorded in ``schema
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,17 @@ MIGRATIONS: tuple[str, ...] = (
         data BLOB NOT NULL
     );
     """,
+    # v2: saved evaluation runs (crossmodal eval --save-run / --history)
+    """
+    CREATE TABLE eval_runs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        created_at TEXT NOT NULL,
+        model TEXT NOT NULL,
+        index_spec TEXT NOT NULL,
+        source TEXT NOT NULL,
+        result TEXT NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -137,6 +149,26 @@ class VectorRow(Base):
     __tablename__ = "vectors"
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), primary_key=True)
     data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class EvalRunRow(Base):
+    __tablename__ = "eval_runs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    created_at: Mapped[str]
+    model: Mapped[str]
+    index_spec: Mapped[str]
+    source: Mapped[str]
+    result: Mapped[str]  # the evaluation as JSON
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    id: int
+    created_at: str
+    model: str
+    index_spec: str
+    source: str
+    result: dict
 
 
 @dataclass(frozen=True)
@@ -431,6 +463,20 @@ class Catalog:
             counts["skipped"] = s.scalar(select(func.count()).where(ItemRow.error.is_not(None))) or 0
             counts["vectors"] = s.scalar(select(func.count()).select_from(VectorRow)) or 0
         return counts
+
+    # -- evaluation runs ------------------------------------------------------------------------
+    def add_eval_run(self, model: str, index_spec: str, source: str, result: dict) -> int:
+        row = EvalRunRow(created_at=utc_now(), model=model, index_spec=index_spec, source=source,
+                         result=json.dumps(result))
+        with Session(self.engine) as s, s.begin():
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def eval_runs(self) -> list[EvalRun]:
+        with Session(self.engine) as s:
+            rows = s.scalars(select(EvalRunRow).order_by(EvalRunRow.id)).all()
+            return [EvalRun(r.id, r.created_at, r.model, r.index_spec, r.source, json.loads(r.result)) for r in rows]
 
     def skipped(self) -> list[ItemView]:
         with Session(self.engine) as s:

@@ -57,6 +57,8 @@ class IndexOptions:
     flush_seconds: float = 30.0
     progress: bool = True
     use_draft: bool = True
+    sidecars: bool = True  # read NAME.txt captions beside images
+    only: frozenset[str] | None = None  # index just these root-relative paths (one split of a benchmark)
 
 
 @dataclass
@@ -164,12 +166,15 @@ def update_index(root: Path, index_dir: Path, encoder: Encoder, options: IndexOp
             with run.timer.stage("walk"):
                 files = list(walk_images(root, include_hidden=options.include_hidden,
                                          exclude=options.exclude, problems=problems))
+                if options.only is not None:
+                    files = [f for f in files if f.rel in options.only]
             with run.timer.stage("plan"):
                 plan = plan_images(files, store.catalog.image_states(root_id), sha256_file)
                 _apply_plan_without_encoding(run, plan)
             _encode_images(run, root_id, plan.encode)
             with run.timer.stage("texts"):
-                records = [r for f in files for r in sidecar_captions(f, problems)] + extra_records
+                sidecars = [r for f in files for r in sidecar_captions(f, problems)] if options.sidecars else []
+                records = sidecars + extra_records
                 _sync_texts(run, root_id, root, records)
             store.catalog.mark_root_indexed(root_id)
         finally:

@@ -15,9 +15,10 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import click  # noqa: E402
+from click.core import ParameterSource  # noqa: E402
 
 from indexer import IndexOptions, IndexSpec, update_index  # noqa: E402
-from indexer.store import IndexStore, open_encoder  # noqa: E402
+from indexer.store import IndexStore, encoder_for, open_encoder  # noqa: E402
 
 from .cli_train import data_group, train_cmd  # noqa: E402
 from .options import domain_errors, index_option, json_option, model_options  # noqa: E402
@@ -153,21 +154,67 @@ def info_cmd(index_dir, skipped, as_json):
 
 @cli.command("eval")
 @index_option
+@click.option("--karpathy", "karpathy_json", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              default=None, help="Karpathy split JSON (dataset_coco.json, dataset_flickr30k.json): index the "
+                                 "split into its own index (reused when files and model match), then evaluate.")
+@click.option("--images-root", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Folder of the JSON's images [default: the JSON's folder].")
+@click.option("--split", default="test", show_default=True, help="Split of the Karpathy JSON.")
+@model_options
 @click.option("--k", "ks", default="1,5,10", show_default=True, help="Comma-separated k values.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write recall@k curves (k = 1..100, both directions, index vs exact) to this PNG.")
+@click.option("--save-run", is_flag=True, help="Store the result in the index's catalog.")
+@click.option("--history", is_flag=True, help="List the saved runs of this index instead of evaluating.")
 @json_option
 @domain_errors
-def eval_cmd(index_dir, ks, as_json):
-    """Recall@k text->image and image->text over the captions of an index, through the index and exact."""
-    from .evaluate import evaluate_index
+def eval_cmd(index_dir, karpathy_json, images_root, split, model, pretrained, device, ks, plot_path, save_run,
+             history, as_json):
+    """Recall@k text->image and image->text, through the index and exact.
 
+    Evaluates the captions of an index built by `crossmodal index`, or a split of a Karpathy JSON.
+    """
+    from .evaluate import evaluate_index, history_of
+    from .evaluate import save_run as store_run
+    from .plot import CURVE_K, plot_recall
+
+    if history:
+        _print_history(history_of(index_dir), as_json)
+        return
     try:
-        k_values = [int(k) for k in ks.split(",") if k.strip()]
+        k_values = sorted({int(k) for k in ks.split(",") if k.strip()})
     except ValueError:
         raise click.BadParameter(f"'{ks}' is not a comma-separated list of integers", param_hint="--k") from None
-    result = evaluate_index(index_dir, k_values)
+    curve_k = CURVE_K if plot_path else 0
+    source = "index"
+    if karpathy_json:
+        from .benchmark import evaluate_karpathy
+
+        explicit = click.get_current_context().get_parameter_source("index_dir") != ParameterSource.DEFAULT
+        encoder = open_encoder(index_dir, model, pretrained, device) if explicit else \
+            encoder_for(None, model, pretrained, device)
+        run = evaluate_karpathy(karpathy_json, encoder, images_root=images_root, split=split,
+                                index_dir=index_dir if explicit else None, ks=k_values, curve_k=curve_k,
+                                progress=not as_json)
+        result, index_dir, source = run.evaluation, run.index_dir, f"karpathy:{karpathy_json.resolve()}:{split}"
+        if run.missing_images:
+            click.echo(f"note: {run.missing_images} images of split '{split}' not found under the images root; "
+                       "evaluated without them", err=True)
+    else:
+        result = evaluate_index(index_dir, k_values, curve_k)
+    if plot_path:
+        plot_recall(result, plot_path)
+    if save_run:
+        store_run(index_dir, result, source)
     if as_json:
         click.echo(json.dumps(result.as_dict()))
         return
+    _print_evaluation(result, k_values)
+    click.echo(f"index: {index_dir}" + (f"   plot: {plot_path}" if plot_path else "")
+               + ("   saved: see crossmodal eval --history" if save_run else ""))
+
+
+def _print_evaluation(result, k_values: list[int]) -> None:
     counts = result.counts
     click.echo(f"model: {result.model}   index: {result.index_kind}")
     click.echo(f"{counts['caption_queries']} captions of {counts['image_queries']} images "
@@ -175,17 +222,37 @@ def eval_cmd(index_dir, ks, as_json):
     for key in ("images_without_captions", "texts_without_image", "duplicate_captions"):
         if counts[key]:
             click.echo(f"note: {counts[key]} {key.replace('_', ' ')}")
-    k_values = sorted(set(k_values))
-    header = f"{'direction':<15}{'search':<8}" + "".join(f"{'R@' + str(k):>8}" for k in k_values)
-    click.echo(header + f"{'agree@' + str(k_values[-1]):>10}")
+    click.echo(f"{'direction':<15}{'search':<8}" + "".join(f"{'R@' + str(k):>8}" for k in k_values)
+               + f"{'agree@' + str(k_values[-1]):>10}{'queries/s':>11}")
     for name, figures in (("text->image", result.text_to_image), ("image->text", result.image_to_text)):
         for search in ("index", "exact"):
             row = f"{name:<15}{search:<8}" + "".join(f"{figures[search][f'R@{k}']:>8.3f}" for k in k_values)
             if search == "index":
-                row += f"{figures['ann_agreement'][f'@{k_values[-1]}']:>10.3f}"
+                row += f"{figures['ann_agreement'][f'@{k_values[-1]}']:>10.3f}{figures['queries_per_second']:>11.0f}"
             click.echo(row)
-    click.echo(f"median rank (exact): text->image {result.text_to_image['exact']['median_rank']:.0f}, "
-               f"image->text {result.image_to_text['exact']['median_rank']:.0f}")
+    true = result.image_to_text["exact"].get("true_recall")
+    if true:
+        click.echo(f"{'image->text':<15}{'true':<8}" + "".join(f"{true[f'R@{k}']:>8.3f}" for k in k_values)
+                   + "   (share of each image's captions in the top k)")
+    t2i, i2t = result.text_to_image["exact"], result.image_to_text["exact"]
+    click.echo(f"rank of first hit (exact): text->image mean {t2i['mean_rank']:.1f} median {t2i['median_rank']:.0f}; "
+               f"image->text mean {i2t['mean_rank']:.1f} median {i2t['median_rank']:.0f}")
+
+
+def _print_history(runs, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps([run.__dict__ for run in runs]))
+        return
+    if not runs:
+        click.echo("no saved runs; evaluate with --save-run")
+        return
+    click.echo(f"{'id':>4}  {'when':<26}{'index':<8}{'t2i R@1':>8}{'R@5':>7}{'R@10':>7}{'i2t R@1':>9}{'R@5':>7}"
+               f"{'R@10':>7}  model")
+    for run in runs:
+        t2i, i2t = run.result["text_to_image"]["index"], run.result["image_to_text"]["index"]
+        cells = [t2i.get(k) for k in ("R@1", "R@5", "R@10")] + [i2t.get(k) for k in ("R@1", "R@5", "R@10")]
+        text = "".join(f"{c:>7.3f} " if c is not None else f"{'-':>7} " for c in cells)
+        click.echo(f"{run.id:>4}  {run.created_at:<26}{run.result.get('index_kind', '?'):<8}{text} {run.model}")
 
 
 cli.add_command(data_group)

@@ -48,17 +48,19 @@ def _index_ranks(found: np.ndarray, positives: Sequence[set[int]], miss: int) ->
 
 
 def _direction(store: IndexStore, target: str, queries: np.ndarray, gallery_ids: np.ndarray,
-               gallery: np.ndarray, positives: list[list[int]], ks: Sequence[int]) -> dict:
+               gallery: np.ndarray, positives: list[list[int]], ks: Sequence[int], curve_k: int) -> dict:
     """Exact and through-the-index figures for one direction (positives are gallery row positions)."""
     ranks = positive_ranks(queries, gallery, positives)
-    exact = summarise_ranks(np.array([r.min() for r in ranks], dtype=np.int64), ks)
+    first = np.array([r.min() for r in ranks], dtype=np.int64)
+    exact = summarise_ranks(first, ks)
     index, _ = store.load_vectors(target)
-    k_max = min(max(ks), len(gallery_ids))
+    k_max = min(max(*ks, curve_k), len(gallery_ids))
     start = time.perf_counter()
     _, found = index.search(queries, k_max)
     seconds = time.perf_counter() - start
     wanted = [{int(gallery_ids[p]) for p in pos} for pos in positives]
-    through = summarise_ranks(_index_ranks(found, wanted, len(gallery_ids) + 1), ks)
+    index_first = _index_ranks(found, wanted, len(gallery_ids) + 1)
+    through = summarise_ranks(index_first, ks)
     through.pop("mean_rank"), through.pop("median_rank")  # unknown beyond the k_max results asked for
     row_of = {int(i): r for r, i in enumerate(gallery_ids)}
     found_rows = np.vectorize(lambda i: row_of.get(int(i), -1), otypes=[np.int64])(found) if found.size else found
@@ -67,11 +69,17 @@ def _direction(store: IndexStore, target: str, queries: np.ndarray, gallery_ids:
                "queries_per_second": round(len(queries) / max(seconds, 1e-9), 1)}
     if any(len(p) > 1 for p in positives):  # several correct items per query: image->text
         figures["exact"]["true_recall"] = true_recall(ranks, ks)
+    if curve_k:  # R@1..curve_k, for plots
+        figures["curve"] = {name: [float(np.mean(r <= k)) for k in range(1, curve_k + 1)]
+                            for name, r in (("index", index_first), ("exact", first))}
     return figures
 
 
-def evaluate_index(index_dir: Path, ks: Sequence[int] = DEFAULT_KS) -> Evaluation:
-    """Text->image and image->text recall@k over the captions stored in an index."""
+def evaluate_index(index_dir: Path, ks: Sequence[int] = DEFAULT_KS, curve_k: int = 0) -> Evaluation:
+    """Text->image and image->text recall@k over the captions stored in an index.
+
+    With ``curve_k``, each direction also gets ``curve``: R@1..curve_k for the index and exact search.
+    """
     ks = sorted(set(int(k) for k in ks))
     if not ks or ks[0] < 1:
         raise CrossmodalError(f"k values must be positive integers, got {ks}")
@@ -101,7 +109,18 @@ def evaluate_index(index_dir: Path, ks: Sequence[int] = DEFAULT_KS) -> Evaluatio
         }
         result = Evaluation(store.identity.describe(), store.spec.kind, counts)
         result.text_to_image = _direction(store, "image", text_vectors[caption_rows], image_ids, image_vectors,
-                                          [[o] for o in owner], ks)
+                                          [[o] for o in owner], ks, curve_k)
         result.image_to_text = _direction(store, "text", image_vectors[with_captions], text_ids, text_vectors,
-                                          [captions_of[i] for i in with_captions], ks)
+                                          [captions_of[i] for i in with_captions], ks, curve_k)
     return result
+
+
+def save_run(index_dir: Path, evaluation: Evaluation, source: str) -> int:
+    """Keep ``evaluation`` in the index's catalog, with its model and index spec, for ``history_of``."""
+    with IndexStore.open(index_dir) as store:
+        return store.catalog.add_eval_run(evaluation.model, store.meta.index_spec, source, evaluation.as_dict())
+
+
+def history_of(index_dir: Path) -> list:
+    with IndexStore.open(index_dir) as store:
+        return store.catalog.eval_runs()

@@ -100,3 +100,17 @@ def test_ids_are_never_reused(catalog):
     catalog.delete_items([a])
     [b] = catalog.write_images(root, [ImageWrite("b.jpg", 1, 1, "h", vector=unit(1))])
     assert b > a
+
+
+def test_version_1_index_is_upgraded_in_place(tmp_path):
+    from indexer.catalog import MIGRATIONS
+
+    con = sqlite3.connect(tmp_path / "c.sqlite")
+    con.executescript("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL);"
+                      + MIGRATIONS[0] + "; INSERT INTO schema_version VALUES (1, 'then');"
+                      "INSERT INTO roots (path) VALUES ('/photos');")
+    con.close()
+    cat = Catalog(tmp_path / "c.sqlite")
+    assert cat.schema_version() == SCHEMA_VERSION and cat.roots() == ["/photos"]
+    run_id = cat.add_eval_run("m / none (4-d)", '{"kind": "flat"}', "index", {"text_to_image": {"R@1": 0.5}})
+    assert [(r.id, r.result["text_to_image"]["R@1"]) for r in cat.eval_runs()] == [(run_id, 0.5)]

@@ -180,3 +180,30 @@ def test_unreachable_weights_give_one_clear_line(corpus, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "could not obtain pretrained weights 'laion2b_s34b_b79k'" in lines[0]
     assert "--pretrained /path/to" in lines[0]
+
+
+def test_eval_command_matches_recall_from_open_clip_own_encoders(tmp_path, reference):
+    """crossmodal eval through the CLI against recall computed here from open_clip's encoders."""
+    from indexer.synth import write_corpus
+
+    ref_images, ref_texts = reference
+    write_corpus(tmp_path / "c", 24, seed=31, test=24, val=0, side=64)  # 64 px: no draft decoding at play
+    env = {**os.environ, "CROSSMODAL_INDEX": str(tmp_path / "idx")}
+    run = [sys.executable, "-m", "retrieval"]
+    subprocess.run(run + ["index", str(tmp_path / "c" / "test"), "--model", MODEL, "--pretrained", "none",
+                          "--no-progress"], check=True, env=env, capture_output=True)
+    out = subprocess.run(run + ["eval", "--json", "--k", "1,2,5"], check=True, env=env, capture_output=True, text=True)
+    result = json.loads(out.stdout)
+
+    paths = sorted(p for p in (tmp_path / "c" / "test").iterdir() if p.suffix in (".jpg", ".png"))
+    captions = [(row, line) for row, p in enumerate(paths) for line in p.with_suffix(".txt").read_text().splitlines()]
+    image_vectors, text_vectors = ref_images(paths), ref_texts([c for _, c in captions])
+    owners = np.array([row for row, _ in captions])
+    for k in (1, 2, 5):
+        t2i = np.mean([owners[t] in np.argsort(-(image_vectors @ v))[:k] for t, v in enumerate(text_vectors)])
+        i2t = np.mean([np.isin(np.argsort(-(text_vectors @ v))[:k], np.flatnonzero(owners == row)).any()
+                       for row, v in enumerate(image_vectors)])
+        # One query may flip on a float-level near tie between two batchings of the same model.
+        assert result["text_to_image"]["exact"][f"R@{k}"] == pytest.approx(t2i, abs=1 / len(captions) + 1e-9)
+        assert result["image_to_text"]["exact"][f"R@{k}"] == pytest.approx(i2t, abs=1 / len(paths) + 1e-9)
+        assert result["text_to_image"]["index"][f"R@{k}"] == result["text_to_image"]["exact"][f"R@{k}"]

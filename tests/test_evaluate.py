@@ -89,3 +89,37 @@ def test_eval_without_captions_is_a_clear_error(tmp_path):
     update_index(tmp_path / "p", tmp_path / "idx", FakeEncoder(), IndexOptions(workers=0, progress=False))
     with pytest.raises(CrossmodalError, match="no captions"):
         evaluate_index(tmp_path / "idx")
+
+
+def test_plot_save_run_and_history(captioned, tmp_path):
+    index = captioned[3]
+    runner = CliRunner()
+    first = runner.invoke(cli, ["eval", "--index", str(index), "--plot", str(tmp_path / "r.png"), "--save-run"])
+    assert first.exit_code == 0, first.output
+    with Image.open(tmp_path / "r.png") as png:
+        assert png.format == "PNG" and png.size[0] > 400
+    runner.invoke(cli, ["eval", "--index", str(index), "--save-run", "--k", "1"])
+    runs = json.loads(runner.invoke(cli, ["eval", "--index", str(index), "--history", "--json"]).output)
+    assert [r["id"] for r in runs] == [1, 2] and runs[0]["model"].startswith("fake")
+    assert json.loads(runs[0]["index_spec"])["kind"] == "flat" and "R@10" in runs[0]["result"]["text_to_image"]["index"]
+    table = runner.invoke(cli, ["eval", "--index", str(index), "--history"]).output
+    assert "t2i R@1" in table and len(table.strip().splitlines()) == 3
+
+
+def test_karpathy_split_is_indexed_alone_then_reused(tmp_path):
+    from indexer.synth import write_corpus
+    from retrieval.benchmark import evaluate_karpathy
+
+    write_corpus(tmp_path / "c", 16, seed=2, test=6, val=4, side=32)
+    (tmp_path / "c" / "test" / "000012.jpg").unlink()  # a missing file is reported, not fatal
+    first = evaluate_karpathy(tmp_path / "c" / "dataset_synth.json", FakeEncoder(), split="test",
+                              index_dir=tmp_path / "idx", progress=False)
+    assert first.missing_images == 1 and first.encoded_images == 5
+    counts = first.evaluation.counts
+    # only the split's images, with the JSON's captions and not the sidecars beside them as well
+    assert (counts["images"], counts["caption_queries"], counts["duplicate_captions"]) == (5, 15, 0)
+    again = evaluate_karpathy(tmp_path / "c" / "dataset_synth.json", FakeEncoder(), split="test",
+                              index_dir=tmp_path / "idx", progress=False)
+    assert again.encoded_images == 0
+    for key in ("index", "exact"):
+        assert again.evaluation.text_to_image[key] == first.evaluation.text_to_image[key]

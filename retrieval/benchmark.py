@@ -1,0 +1,65 @@
+"""Evaluate on a Karpathy split (MSCOCO, Flickr30k, our generated corpus): index the split, then measure.
+
+The split's images are indexed from ``images_root`` with the split's captions (sidecar files are
+ignored) into an index of their own, named by the JSON, split and model so that a second run with
+the same files and model reuses it: the incremental indexer then encodes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from indexer import IndexOptions, update_index
+from indexer.encoder import Encoder
+from indexer.errors import SourceError
+from indexer.pairs import read_karpathy
+
+from .evaluate import DEFAULT_KS, Evaluation, evaluate_index
+
+
+@dataclass
+class BenchmarkRun:
+    index_dir: Path
+    evaluation: Evaluation
+    missing_images: int
+    encoded_images: int
+
+
+def default_eval_index(karpathy_json: Path, split: str, encoder: Encoder) -> Path:
+    """Where a split's index lives by default: ``$CROSSMODAL_CACHE`` or ``~/.cache/crossmodal``."""
+    identity = encoder.identity
+    weights = identity.checkpoint_sha256[:12] if identity.checkpoint_sha256 else identity.pretrained
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{Path(karpathy_json).stem}-{split}-{identity.name}-{weights}")
+    cache = Path(os.environ.get("CROSSMODAL_CACHE", Path.home() / ".cache" / "crossmodal"))
+    return cache / "eval" / name
+
+
+def evaluate_karpathy(karpathy_json: Path, encoder: Encoder, *, images_root: Path | None = None,
+                      split: str = "test", index_dir: Path | None = None, ks: Sequence[int] = DEFAULT_KS,
+                      curve_k: int = 0, batch_size: int = 32, workers: int | None = None,
+                      progress: bool = True) -> BenchmarkRun:
+    images_root = Path(images_root) if images_root else Path(karpathy_json).parent
+    pairs = read_karpathy(Path(karpathy_json), images_root, split)
+    present = [p for p in pairs if p.path.is_file()]
+    if not present:
+        raise SourceError(f"none of the {len(pairs)} images of split '{split}' exist under {images_root}; "
+                          "pass the folder that holds them with --images-root")
+    index_dir = Path(index_dir) if index_dir else default_eval_index(karpathy_json, split, encoder)
+    index_dir.mkdir(parents=True, exist_ok=True)
+    root = images_root.resolve()
+    captions = index_dir / f"captions-{split}.jsonl"
+    lines = [json.dumps({"image": p.path.resolve().relative_to(root).as_posix(), "captions": list(p.captions)})
+             for p in present]
+    new_text = "\n".join(lines) + "\n"
+    if not captions.is_file() or captions.read_text(encoding="utf-8") != new_text:
+        captions.write_text(new_text, encoding="utf-8")
+    only = frozenset(json.loads(line)["image"] for line in lines)
+    summary = update_index(root, index_dir, encoder, IndexOptions(
+        captions=(captions,), sidecars=False, only=only, batch_size=batch_size, workers=workers, progress=progress))
+    evaluation = evaluate_index(index_dir, ks, curve_k)
+    return BenchmarkRun(index_dir, evaluation, len(pairs) - len(present), summary.encoded_images)
