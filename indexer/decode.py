@@ -180,7 +180,7 @@ def iter_decoded(
     pending: list[Decoded] = []
     # The first batch is smaller so the model starts after a few decodes instead of a whole batch;
     # on a CPU that is most of the time the model would otherwise sit waiting.
-    wanted = min(batch_size, max(2 * workers, batch_size // 4))
+    wanted = min(batch_size, max(1, 2 * workers, batch_size // 4)) if workers > 0 else batch_size
     waited_since = time.monotonic()
     for item in loader:
         if starved is not None and time.monotonic() - waited_since > STARVED_AFTER_S:

@@ -119,3 +119,11 @@ def test_decoders_run_at_idle_priority_until_starved(tmp_path, monkeypatch, star
     # A zero threshold marks the run starved at the first item; items the worker picks up after
     # that decode at normal priority (earlier ones were already prefetched at idle priority).
     assert policies[-1] == getattr(os, policy)
+
+
+@pytest.mark.parametrize("workers, batch_size, sizes", [(0, 2, [2, 2, 1]), (1, 2, [2, 2, 1]), (2, 3, [3, 2])])
+def test_batches_always_fill_up(tmp_path, workers, batch_size, sizes):
+    preprocess = open_clip.image_transform(32, is_train=False)
+    tasks = [DecodeTask(i, p) for i, p in enumerate(_write_jpegs(tmp_path, sum(sizes)))]
+    batches = iter_decoded(tasks, preprocess, 32, batch_size=batch_size, workers=workers)
+    assert [len(b.ok) for b in batches] == sizes
