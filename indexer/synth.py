@@ -269,11 +269,15 @@ def render(scene: Scene, rng: np.random.Generator, side: int = 128) -> Image.Ima
 
 # --- corpus --------------------------------------------------------------------------------------
 
-def sample(seed: int, index: int, captions: int = 3) -> tuple[Sample, Image.Image]:
+def _describe(seed: int, index: int, captions: int) -> tuple[Sample, np.random.Generator]:
     rng = np.random.default_rng([seed, index])
     scene = make_scene(rng)
-    item = Sample(index, scene, make_captions(rng, scene, captions))
-    return item, render(scene, rng)
+    return Sample(index, scene, make_captions(rng, scene, captions)), rng
+
+
+def sample(seed: int, index: int, captions: int = 3) -> tuple[Sample, Image.Image]:
+    item, rng = _describe(seed, index, captions)
+    return item, render(item.scene, rng)
 
 
 def ceiling(samples: Sequence[Sample]) -> float:
@@ -339,9 +343,4 @@ def _karpathy_entry(item: Sample, split: str, name: str, imgid: int) -> dict:
 
 def scenes_of(seed: int, indices: Iterable[int], captions: int = 3) -> list[Sample]:
     """The samples ``write_corpus`` would write at these indices, without rendering or writing them."""
-    out = []
-    for index in indices:
-        rng = np.random.default_rng([seed, index])
-        scene = make_scene(rng)
-        out.append(Sample(index, scene, make_captions(rng, scene, captions)))
-    return out
+    return [_describe(seed, index, captions)[0] for index in indices]
