@@ -30,11 +30,23 @@ def positive_ranks(queries: np.ndarray, gallery: np.ndarray, positives: Sequence
     return out
 
 
+def first_hits(ranks: Sequence[np.ndarray], miss: int) -> np.ndarray:
+    """Each query's best rank among its correct items; ``miss`` for a query without one."""
+    return np.array([r.min() if r.size else miss for r in ranks], dtype=np.int64)
+
+
 def first_hit_ranks(queries: np.ndarray, gallery: np.ndarray, positives: Sequence[Sequence[int]],
                     block: int = 1024) -> np.ndarray:
     """Rank of the best-ranked correct item per query; ``len(gallery) + 1`` for a query without one."""
-    return np.array([r.min() if r.size else len(gallery) + 1
-                     for r in positive_ranks(queries, gallery, positives, block)], dtype=np.int64)
+    return first_hits(positive_ranks(queries, gallery, positives, block), len(gallery) + 1)
+
+
+def texts_of_images(text_image: Sequence[int], n_images: int) -> list[list[int]]:
+    """For each image row, the positions of its texts (``text_image[t]`` is text ``t``'s image row)."""
+    grouped: list[list[int]] = [[] for _ in range(n_images)]
+    for t, i in enumerate(text_image):
+        grouped[int(i)].append(t)
+    return grouped
 
 
 def true_recall(ranks: Sequence[np.ndarray], ks: Sequence[int]) -> dict[str, float]:
@@ -60,13 +72,11 @@ def recall_at_k(image_vectors: np.ndarray, text_vectors: np.ndarray, text_image:
     ``text_image[t]`` is the row in ``image_vectors`` of text ``t``'s image.
     """
     text_image = np.asarray(text_image, dtype=np.int64)
-    captions_of: list[list[int]] = [[] for _ in range(len(image_vectors))]
-    for t, i in enumerate(text_image):
-        captions_of[i].append(t)
+    captions_of = texts_of_images(text_image, len(image_vectors))
     with_text = [i for i, c in enumerate(captions_of) if c]
     t2i = first_hit_ranks(text_vectors, image_vectors, [[i] for i in text_image])
     i2t = positive_ranks(image_vectors[with_text], text_vectors, [captions_of[i] for i in with_text])
-    image_to_text = summarise_ranks(np.array([r.min() for r in i2t], dtype=np.int64), ks)
+    image_to_text = summarise_ranks(first_hits(i2t, len(text_vectors) + 1), ks)
     image_to_text["true_recall"] = true_recall(i2t, ks)
     return {"text_to_image": summarise_ranks(t2i, ks), "image_to_text": image_to_text}
 

@@ -101,8 +101,7 @@ def validate(encoder: Encoder, pairs: list[PairedImage], batch_size: int = 256) 
     encoder.model.eval()
     images = []
     for start in range(0, len(pairs), batch_size):
-        chunk = [encoder.preprocess(open_image(p.path)) for p in pairs[start:start + batch_size]]
-        images.append(encoder.encode_images(torch.stack(chunk)))
+        images.append(encoder.encode_pil([open_image(p.path) for p in pairs[start:start + batch_size]]))
     texts = [c for p in pairs for c in p.captions]
     owners = [i for i, p in enumerate(pairs) for _ in p.captions]
     result = recall_at_k(np.concatenate(images), encoder.encode_texts(texts), owners)

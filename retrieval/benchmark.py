@@ -53,13 +53,13 @@ def evaluate_karpathy(karpathy_json: Path, encoder: Encoder, *, images_root: Pat
     index_dir.mkdir(parents=True, exist_ok=True)
     root = images_root.resolve()
     captions = index_dir / f"captions-{split}.jsonl"
-    lines = [json.dumps({"image": p.path.resolve().relative_to(root).as_posix(), "captions": list(p.captions)})
-             for p in present]
-    new_text = "\n".join(lines) + "\n"
+    rels = [p.path.resolve().relative_to(root).as_posix() for p in present]
+    new_text = "".join(json.dumps({"image": rel, "captions": list(p.captions)}) + "\n"
+                       for rel, p in zip(rels, present))
     if not captions.is_file() or captions.read_text(encoding="utf-8") != new_text:
         captions.write_text(new_text, encoding="utf-8")
-    only = frozenset(json.loads(line)["image"] for line in lines)
-    summary = update_index(root, index_dir, encoder, IndexOptions(
-        captions=(captions,), sidecars=False, only=only, batch_size=batch_size, workers=workers, progress=progress))
+    options = IndexOptions(captions=(captions,), sidecars=False, only=frozenset(rels), batch_size=batch_size,
+                           workers=workers, progress=progress)
+    summary = update_index(root, index_dir, encoder, options)
     evaluation = evaluate_index(index_dir, ks, curve_k)
     return BenchmarkRun(index_dir, evaluation, len(pairs) - len(present), summary.encoded_images)

@@ -18,7 +18,14 @@ import numpy as np
 
 from indexer.catalog import CAPTION
 from indexer.errors import CrossmodalError
-from indexer.metrics import ann_agreement, positive_ranks, summarise_ranks, true_recall
+from indexer.metrics import (
+    ann_agreement,
+    first_hits,
+    positive_ranks,
+    summarise_ranks,
+    texts_of_images,
+    true_recall,
+)
 from indexer.store import IndexStore
 
 DEFAULT_KS = (1, 5, 10)
@@ -51,7 +58,7 @@ def _direction(store: IndexStore, target: str, queries: np.ndarray, gallery_ids:
                gallery: np.ndarray, positives: list[list[int]], ks: Sequence[int], curve_k: int) -> dict:
     """Exact and through-the-index figures for one direction (positives are gallery row positions)."""
     ranks = positive_ranks(queries, gallery, positives)
-    first = np.array([r.min() for r in ranks], dtype=np.int64)
+    first = first_hits(ranks, len(gallery_ids) + 1)
     exact = summarise_ranks(first, ks)
     index, _ = store.load_vectors(target)
     k_max = min(max(*ks, curve_k), len(gallery_ids))
@@ -96,9 +103,8 @@ def evaluate_index(index_dir: Path, ks: Sequence[int] = DEFAULT_KS, curve_k: int
         image_vectors = catalog.vectors(image_ids.tolist(), dim)
         text_vectors = catalog.vectors(text_ids.tolist(), dim)
         owner = [image_row[texts[int(text_ids[r])].image_id] for r in caption_rows]
-        captions_of: list[list[int]] = [[] for _ in image_ids]
-        for row, image in zip(caption_rows, owner):
-            captions_of[image].append(row)
+        # positions among the caption queries, mapped back to rows of the whole text gallery
+        captions_of = [[caption_rows[q] for q in qs] for qs in texts_of_images(owner, len(image_ids))]
         with_captions = [i for i, c in enumerate(captions_of) if c]
         duplicates = Counter(texts[int(text_ids[r])].text for r in caption_rows)
         counts = {
