@@ -6,8 +6,8 @@ Nothing here imports :mod:`retrieval`; the dependency points one way.
 from .encoder import DEFAULT_MODEL, DEFAULT_PRETRAINED, Encoder, ModelIdentity, load_encoder, load_encoder_for
 from .errors import CrossmodalError
 from .pipeline import IndexOptions, IndexSummary, update_index
+from .spec import IndexSpec
 from .store import DEFAULT_INDEX_DIR, IndexStore
-from .vectors import IndexSpec
 
 __all__ = [
     "DEFAULT_INDEX_DIR", "DEFAULT_MODEL", "DEFAULT_PRETRAINED", "CrossmodalError", "Encoder", "IndexOptions",

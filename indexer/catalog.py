@@ -201,6 +201,7 @@ class TextState:
     origin: str | None
     image_id: int | None
     text: str
+    sha256: str | None = None
 
 
 @dataclass
@@ -312,6 +313,11 @@ class Catalog:
             return IndexMeta(row.model_name, row.pretrained, row.checkpoint_sha256, row.checkpoint_path,
                              row.embed_dim, row.open_clip_version, row.index_spec, row.created_at)
 
+    def clear_meta(self) -> None:
+        """Forget the model and index type of an index that holds nothing yet (a refused first run)."""
+        with Session(self.engine) as s, s.begin():
+            s.execute(delete(IndexMetaRow))
+
     def set_meta(self, meta: IndexMeta) -> None:
         with Session(self.engine) as s, s.begin():
             s.merge(IndexMetaRow(id=1, **meta.__dict__))
@@ -394,7 +400,7 @@ class Catalog:
 
     # -- texts --------------------------------------------------------------------------------
     def text_states(self, root_id: int) -> list[TextState]:
-        q = select(ItemRow.id, ItemRow.origin, ItemRow.image_id, ItemRow.text).where(
+        q = select(ItemRow.id, ItemRow.origin, ItemRow.image_id, ItemRow.text, ItemRow.sha256).where(
             ItemRow.kind.in_(TEXT_KINDS), ItemRow.root_id == root_id
         )
         with Session(self.engine) as s:
@@ -419,8 +425,8 @@ class Catalog:
         with Session(self.engine) as s:
             return np.fromiter(s.scalars(q), dtype=np.int64)
 
-    def vectors(self, ids: Sequence[int], dim: int) -> np.ndarray:
-        """Stored vectors for ``ids``, in that order."""
+    def vectors(self, ids: Sequence[int], dim: int, strict: bool = True) -> np.ndarray:
+        """Stored vectors for ``ids``, in that order; unless ``strict``, NaN rows for ids deleted meanwhile."""
         found: dict[int, bytes] = {}
         with Session(self.engine) as s:
             for chunk in _chunks(list(ids)):
@@ -428,7 +434,8 @@ class Catalog:
                                        .where(VectorRow.item_id.in_(chunk))).all())
         out = np.empty((len(ids), dim), dtype=np.float32)
         for row, item_id in enumerate(ids):
-            out[row] = np.frombuffer(found[int(item_id)], dtype=np.float32)
+            blob = found.get(int(item_id)) if not strict else found[int(item_id)]
+            out[row] = np.nan if blob is None else np.frombuffer(blob, dtype=np.float32)
         return out
 
     # -- reading ------------------------------------------------------------------------------
@@ -450,9 +457,9 @@ class Catalog:
                     item_id, kind, root, rel, img_root, img_rel, txt, image_id, origin, w, h, err = r
                     path = None
                     if rel is not None and root is not None:
-                        path = str(Path(root) / rel)
+                        path = _absolute(root, rel)
                     elif img_rel is not None and img_root is not None:
-                        path = str(Path(img_root) / img_rel)
+                        path = _absolute(img_root, img_rel)
                     views[item_id] = ItemView(item_id, kind, path, txt, image_id, origin, w, h, err)
         return views
 
@@ -483,6 +490,11 @@ class Catalog:
             ids = list(s.scalars(select(ItemRow.id).where(ItemRow.error.is_not(None)).order_by(ItemRow.id)))
         views = self.items(ids)
         return [views[i] for i in ids]
+
+
+def _absolute(root: str, rel: str) -> str:
+    # Imported embeddings may name their images by URL (or absolute path, which / keeps as is).
+    return rel if "://" in rel else str(Path(root) / rel)
 
 
 def _configure_connection(dbapi_connection, _record) -> None:

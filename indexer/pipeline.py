@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .build import check_trainable, finish
 from .catalog import CAPTION, TEXT, ImageWrite, TextWrite
 from .decode import DecodedBatch, DecodeTask, iter_decoded
 from .encoder import Encoder, sha256_file
@@ -35,8 +36,9 @@ from .sources import (
     sidecar_captions,
     walk_images,
 )
+from .spec import IndexSpec, TooFewVectors
 from .store import IndexStore
-from .vectors import IndexSpec, VectorStore
+from .vectors import VectorStore
 
 
 def default_workers() -> int:
@@ -53,7 +55,7 @@ class IndexOptions:
     exclude: tuple[str, ...] = ()
     batch_size: int = 32
     workers: int | None = None  # None: default_workers(device)
-    spec: IndexSpec = field(default_factory=IndexSpec)
+    spec: IndexSpec | None = None  # a new index's type (None: flat); an existing index keeps its own
     flush_seconds: float = 30.0
     progress: bool = True
     use_draft: bool = True
@@ -81,6 +83,7 @@ class IndexSummary:
     images_per_second: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    build: dict | None = None  # what training and tuning did (indexer.build.BuildReport)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -170,6 +173,13 @@ def update_index(root: Path, index_dir: Path, encoder: Encoder, options: IndexOp
                     files = [f for f in files if f.rel in options.only]
             with run.timer.stage("plan"):
                 plan = plan_images(files, store.catalog.image_states(root_id), sha256_file)
+                if not run.vectors["image"].trained:  # say so before encoding, not after
+                    try:
+                        check_trainable(store.spec, {"image": len(run.vectors["image"]) + len(plan.encode)})
+                    except TooFewVectors:
+                        if store.created:
+                            store.catalog.clear_meta()
+                        raise
                 _apply_plan_without_encoding(run, plan)
             _encode_images(run, root_id, plan.encode)
             with run.timer.stage("texts"):
@@ -177,6 +187,11 @@ def update_index(root: Path, index_dir: Path, encoder: Encoder, options: IndexOp
                 records = sidecars + extra_records
                 _sync_texts(run, root_id, root, records)
             store.catalog.mark_root_indexed(root_id)
+            with run.timer.stage("train"):
+                report = finish(store, run.vectors)
+            if report is not None:
+                summary.build = report.as_dict()
+                run.dirty.update(run.vectors)
         finally:
             run.flush(force=True)
 

@@ -13,10 +13,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .catalog import Catalog, IndexMeta, utc_now
 from .encoder import DEFAULT_MODEL, Encoder, ModelIdentity, default_pretrained, load_encoder, load_encoder_for
 from .errors import CrossmodalError, IndexLocked, IndexNotFound
-from .vectors import IndexSpec, VectorStore
+from .spec import IndexSpec
+from .vectors import StaleVectorFile, VectorStore
 
 MODALITIES = ("image", "text")
 CATALOG_FILE = "catalog.sqlite"
@@ -43,6 +46,7 @@ class IndexStore:
         self.directory = directory
         self.catalog = catalog
         self._lock_fd = lock_fd
+        self.created = False  # by this open_for_writing: a refused first run leaves no model or type behind
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -59,8 +63,12 @@ class IndexStore:
         return store
 
     @classmethod
-    def open_for_writing(cls, directory: Path, identity: ModelIdentity, spec: IndexSpec) -> IndexStore:
-        """Lock the index, create it for ``identity`` if new, refuse if it was built with another model."""
+    def open_for_writing(cls, directory: Path, identity: ModelIdentity, spec: IndexSpec | None = None) -> IndexStore:
+        """Lock the index, create it for ``identity`` if new, refuse if it was built with another model.
+
+        ``spec`` is the index type for a new index (None: flat); an existing index keeps its own and
+        refuses a different one, which is what ``crossmodal reindex`` is for.
+        """
         directory = Path(directory)
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -73,9 +81,11 @@ class IndexStore:
             if meta is None:
                 store.catalog.set_meta(IndexMeta(
                     identity.name, identity.pretrained, identity.checkpoint_sha256, identity.checkpoint_path,
-                    identity.embed_dim, identity.open_clip_version, spec.to_json(), utc_now()))
+                    identity.embed_dim, identity.open_clip_version, (spec or IndexSpec()).to_json(), utc_now()))
+                store.created = True
             else:
                 identity_from_meta(meta).require_same(identity, f"add to the index at {directory}")
+                _require_same_kind(IndexSpec.from_json(meta.index_spec), spec, directory)
                 if identity.checkpoint_path and identity.checkpoint_path != meta.checkpoint_path:
                     # Same weights found at a new place: remember it so search can load them again.
                     store.catalog.set_meta(IndexMeta(**{**meta.__dict__, "checkpoint_path": identity.checkpoint_path}))
@@ -83,6 +93,19 @@ class IndexStore:
             os.close(lock_fd)
             raise
         return store
+
+    @classmethod
+    def open_locked(cls, directory: Path) -> IndexStore:
+        """An existing index, locked for writing without a model (reindex, verify)."""
+        directory = Path(directory)
+        cls.open(directory).close()  # the same clear errors for a missing or empty index
+        lock_fd = _acquire_lock(directory)
+        return cls(directory, Catalog(directory / CATALOG_FILE), lock_fd)
+
+    def set_spec(self, spec: IndexSpec) -> None:
+        """Record the index type (after a reindex, or once auto has chosen and tuned one)."""
+        self.catalog.set_meta(IndexMeta(**{**self.meta.__dict__, "index_spec": spec.to_json()}))
+        self.__dict__.pop("meta", None)
 
     def close(self) -> None:
         self.catalog.close()
@@ -116,16 +139,29 @@ class IndexStore:
         return self.directory / f"{modality}.faiss"
 
     def load_vectors(self, modality: str) -> tuple[VectorStore, SyncReport]:
-        """The modality's FAISS index, brought in line with the catalog in memory."""
-        path = self.vector_path(modality)
-        dim = self.meta.embed_dim
-        vectors = VectorStore.load(path) if path.exists() else VectorStore.empty(self.spec, dim)
+        """The modality's vector index, brought in line with the catalog in memory.
+
+        A file of another kind than the catalog's spec (a reindex cut short) is ignored: the vectors
+        are taken from the catalog again, and the next write trains and saves the right kind.
+        """
+        path, spec, dim = self.vector_path(modality), self.spec, self.meta.embed_dim
+        vectors = VectorStore.empty(spec, dim)
+        if path.exists():
+            try:
+                vectors = VectorStore.load(path, spec, dim)
+            except StaleVectorFile:
+                pass
         if vectors.dim != dim:
             raise CrossmodalError(f"{path} holds {vectors.dim}-d vectors but the catalog says {dim}-d; "
                                   "delete the file and re-run `crossmodal index` to rebuild it from the catalog")
+        vectors.exact = functools.partial(self.fetch_vectors, strict=False)  # re-ranking tolerates deletions
         expected = self.catalog.vector_ids(modality)
-        added, removed = vectors.sync(expected, lambda ids: self.catalog.vectors(ids.tolist(), dim))
+        added, removed = vectors.sync(expected, self.fetch_vectors)
         return vectors, SyncReport(added, removed)
+
+    def fetch_vectors(self, ids, strict: bool = True) -> np.ndarray:
+        """Stored (full, exact) vectors for catalog ids, in that order."""
+        return self.catalog.vectors(np.asarray(ids).tolist(), self.meta.embed_dim, strict)
 
     def save_vectors(self, modality: str, vectors: VectorStore) -> None:
         if self._lock_fd is None:
@@ -182,6 +218,14 @@ def open_encoder(directory: Path, model: str | None = None, pretrained: str | No
         except IndexNotFound:  # a catalog with no model recorded yet: a new index
             pass
     return encoder_for(identity, model, pretrained, device)
+
+
+def _require_same_kind(stored: IndexSpec, wanted: IndexSpec | None, directory: Path) -> None:
+    chose_auto = "auto" in stored.params or stored.kind == "auto"
+    if wanted is None or wanted.kind == stored.kind or (wanted.kind == "auto" and chose_auto):
+        return
+    raise CrossmodalError(f"the index at {directory} is {stored.describe()}; to change it to {wanted.kind} run "
+                          f"`crossmodal reindex --index {directory} --index-type {wanted.kind}` (no re-encoding)")
 
 
 def _acquire_lock(directory: Path) -> int:

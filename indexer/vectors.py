@@ -1,106 +1,185 @@
-"""The only module that calls faiss: index specs, the factory, and vector files on disk.
+"""The only module that calls faiss: a :class:`VectorStore` per modality, of any kind in :mod:`indexer.spec`.
 
-An index is described as data, an :class:`IndexSpec` stored as JSON in the catalog, and turned
-into a FAISS index by :func:`make_index`. Every index is wrapped in ``IDMap2`` so FAISS ids are
-catalog primary keys and vectors can be removed or replaced by id.
+Ids are catalog primary keys. Kinds that learn from data (``ivf``, ``ivfpq``, ``lsh``, ``itq``, and
+``auto`` until it is resolved) hold added vectors aside until :meth:`VectorStore.train`; meanwhile
+search is exact over them. Full vectors for re-ranking come from :attr:`VectorStore.exact` (the
+catalog, in an index).
 """
 
 from __future__ import annotations
 
-import json
+import io
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import faiss
 import numpy as np
 
 from .errors import CrossmodalError
+from .spec import BINARY, LEARNED, MIN_TRAIN, TRAIN_SAMPLE, IndexSpec, TooFewVectors, nlist_for, pq_bytes_for
 
-# kind -> function(spec, dim) returning the faiss factory string. Later kinds (ivf, ivfpq, hnsw,
-# lsh, itq) add an entry here; everything else reads the spec.
-_FACTORIES: dict[str, Callable[[IndexSpec, int], str]] = {
-    "flat": lambda spec, dim: "IDMap2,Flat",
-}
+OPQ_ITERATIONS = 20
 
 
-@dataclass(frozen=True)
-class IndexSpec:
-    """How vectors are indexed. ``params`` holds kind-specific settings (nlist, M, bits...)."""
-
-    kind: str = "flat"
-    metric: str = "ip"
-    params: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.kind not in _FACTORIES:
-            raise CrossmodalError(f"unknown index type '{self.kind}'; available: {', '.join(sorted(_FACTORIES))}")
-        if self.metric != "ip":
-            raise CrossmodalError(f"unsupported metric '{self.metric}': embeddings are compared by inner product")
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, raw: str) -> IndexSpec:
-        return cls(**json.loads(raw))
-
-    def factory_string(self, dim: int) -> str:
-        return _FACTORIES[self.kind](self, dim)
+def _unit(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def make_index(spec: IndexSpec, dim: int) -> faiss.Index:
-    return faiss.index_factory(dim, spec.factory_string(dim), faiss.METRIC_INNER_PRODUCT)
+def _ids(x) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.int64)
 
 
 class VectorStore:
-    """One FAISS index (one modality) with id-based add, remove and search."""
+    """One modality's vectors in one kind of index, with id-based add, remove, search and save."""
 
-    def __init__(self, index: faiss.Index):
-        self.index = index
+    def __init__(self, spec: IndexSpec, dim: int, index=None, codec=None):
+        self.spec, self.dim = spec, dim
+        self.index = index  # faiss.Index or faiss.IndexBinary; None until trained for learned kinds
+        self.codec = codec  # binary kinds: the float -> code transform
+        self.exact: Callable[[np.ndarray], np.ndarray] | None = None  # full vectors by id, for re-ranking
+        self._pending_ids = np.zeros(0, dtype=np.int64)
+        self._pending = np.zeros((0, dim), dtype=np.float32)
+        self._dead = np.zeros(0, dtype=bool)  # hnsw: tombstoned positions
+        if index is None and spec.kind not in LEARNED:
+            self.index = _new_index(spec, dim)
 
     @classmethod
     def empty(cls, spec: IndexSpec, dim: int) -> VectorStore:
-        return cls(make_index(spec, dim))
+        return cls(spec, dim)
 
     @classmethod
-    def load(cls, path: Path) -> VectorStore:
+    def load(cls, path: Path, spec: IndexSpec, dim: int) -> VectorStore:
+        """Read a vector file written by :meth:`save` for ``spec``; a file of another kind is an error."""
         try:
-            return cls(faiss.read_index(str(path)))
-        except RuntimeError as exc:
+            if spec.kind in BINARY:
+                with np.load(path) as parts:
+                    codec = faiss.read_VectorTransform(_reader(parts["codec"]))
+                    index = faiss.deserialize_index_binary(parts["index"])
+            else:
+                index, codec = faiss.read_index(str(path)), None
+        except (RuntimeError, OSError, ValueError, KeyError) as exc:
             raise CrossmodalError(f"cannot read vector file {path}: {exc}") from exc
+        expected = "binary" if spec.kind in BINARY else spec.kind
+        if _kind_of(index) != expected or index.d != (spec.params.get("bits") if spec.kind in BINARY else dim):
+            raise StaleVectorFile(f"{path} holds a {_kind_of(index)} index, the catalog says {spec.describe()}")
+        store = cls(spec, dim, index, codec)
+        if spec.kind == "hnsw":
+            store._dead = np.zeros(index.ntotal, dtype=bool)
+        return store
 
+    # -- what it holds --------------------------------------------------------------------------
     @property
-    def dim(self) -> int:
-        return self.index.d
+    def trained(self) -> bool:
+        return self.index is not None
 
     def __len__(self) -> int:
-        return self.index.ntotal
+        if self.index is None:
+            return len(self._pending_ids)
+        return int(self.index.ntotal - (self._dead.sum() if self.spec.kind == "hnsw" else 0))
 
     def ids(self) -> np.ndarray:
+        if self.index is None:
+            return self._pending_ids.copy()
+        if self.spec.kind == "hnsw":
+            return self._id_map()[~self._dead]
+        if self.spec.kind in ("ivf", "ivfpq"):
+            lists = faiss.extract_index_ivf(self.index).invlists
+            held = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+                    for i in range(lists.nlist) if lists.list_size(i)]
+            return np.concatenate(held).astype(np.int64) if held else np.zeros(0, dtype=np.int64)
+        return self._id_map()
+
+    def _id_map(self) -> np.ndarray:
         return faiss.vector_to_array(self.index.id_map).astype(np.int64)
 
+    def nlist(self) -> int:
+        return int(faiss.extract_index_ivf(self.index).nlist)
+
+    def code_bytes(self) -> int:
+        """Bytes each vector takes in the index structure (codes, not ids or graph links)."""
+        kind = self.spec.kind
+        if kind == "ivfpq":
+            return int(faiss.extract_index_ivf(self.index).code_size)
+        if kind in BINARY:
+            return self.spec.params["bits"] // 8
+        return self.dim * 4
+
+    def held_aside(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) added before training."""
+        return self._pending_ids, self._pending
+
+    # -- training -------------------------------------------------------------------------------
+    def train(self, sample: np.ndarray, n: int | None = None) -> None:
+        """Learn the index from ``sample`` (for ``n`` vectors in all), then index what was held aside."""
+        if self.spec.kind == "auto":
+            raise CrossmodalError("internal: resolve an auto spec (indexer.tuning) before training")
+        if self.index is not None and self.spec.kind not in LEARNED:
+            return
+        sample = _unit(sample)
+        n = n or len(sample)
+        need = MIN_TRAIN[self.spec.kind]
+        if len(sample) < need:
+            raise TooFewVectors.for_kind(self.spec.kind, len(sample))
+        self.spec, self.index, self.codec = _trained(self.spec, self.dim, sample, n)
+        ids, vectors = self._pending_ids, self._pending
+        self._pending_ids, self._pending = np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), np.float32)
+        self.add(ids, vectors)
+
+    # -- changes --------------------------------------------------------------------------------
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        if len(ids):
-            self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
-                                    np.ascontiguousarray(ids, dtype=np.int64))
+        """Add vectors under new ids (replace = :meth:`remove` then add)."""
+        ids, vectors = _ids(ids), _unit(vectors)
+        if not len(ids):
+            return
+        if self.index is None:
+            self._pending_ids = np.concatenate([self._pending_ids, ids])
+            self._pending = np.concatenate([self._pending, vectors])
+        elif self.spec.kind in BINARY:
+            self.index.add_with_ids(self._codes(vectors), ids)
+        else:
+            self.index.add_with_ids(vectors, ids)
+            if self.spec.kind == "hnsw":
+                self._dead = np.concatenate([self._dead, np.zeros(len(ids), dtype=bool)])
 
     def remove(self, ids: np.ndarray) -> int:
+        ids = _ids(ids)
         if not len(ids):
             return 0
-        return int(self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64)))
+        if self.index is None:
+            keep = ~np.isin(self._pending_ids, ids)
+            removed = int((~keep).sum())
+            self._pending_ids, self._pending = self._pending_ids[keep], self._pending[keep]
+            return removed
+        if self.spec.kind != "hnsw":
+            return int(self.index.remove_ids(ids))
+        hit = np.isin(self._id_map(), ids) & ~self._dead
+        self._dead |= hit
+        if self._dead.sum() > self.spec.params["tombstones"] * len(self._dead):
+            self._compact()
+        return int(hit.sum())
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k inner products; rows padded with id -1 where fewer than k vectors exist."""
-        k = max(1, min(k, max(1, len(self))))
-        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    def _compact(self) -> None:
+        """Rebuild the HNSW graph from its live vectors, dropping tombstones."""
+        inner = faiss.downcast_index(self.index.index)
+        live = np.flatnonzero(~self._dead)
+        vectors = inner.storage.reconstruct_n(0, inner.ntotal)[live]
+        ids = self._id_map()[live]
+        self.index, self._dead = _new_index(self.spec, self.dim), np.zeros(0, dtype=bool)
+        self.add(ids, vectors)
 
     def sync(self, expected_ids: np.ndarray, fetch: Callable[[np.ndarray], np.ndarray]) -> tuple[int, int]:
         """Make the ids held equal ``expected_ids``: add missing ones (vectors from ``fetch``), drop extras.
 
         This is how a vector file catches up with the catalog after an interrupted run.
         """
+        expected_ids = _ids(expected_ids)
+        if self.spec.kind == "hnsw" and self.index is not None and len(self._dead):
+            # An id written twice (removed, then added again) lives at its last position only.
+            id_map = self._id_map()
+            last = np.zeros(len(id_map), dtype=bool)
+            last[len(id_map) - 1 - np.unique(id_map[::-1], return_index=True)[1]] = True
+            self._dead |= ~last
         held = self.ids()
         missing = np.setdiff1d(expected_ids, held, assume_unique=True)
         extra = np.setdiff1d(held, expected_ids, assume_unique=True)
@@ -109,23 +188,191 @@ class VectorStore:
             self.add(missing, fetch(missing))
         return len(missing), len(extra)
 
+    # -- search ---------------------------------------------------------------------------------
+    def search(self, queries: np.ndarray, k: int, **settings) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k inner products; rows padded with id -1 where fewer than k vectors exist.
+
+        ``settings`` override the spec's search parameters for this call (nprobe, ef_search, rerank).
+        """
+        queries = _unit(np.atleast_2d(queries))
+        params = {**self.spec.params, **settings}
+        k = max(1, min(k, len(self)))
+        if self.index is None:
+            return _exact_top_k(queries, self._pending, self._pending_ids, k)
+        kind = self.spec.kind
+        if kind == "flat":
+            return self.index.search(queries, k)
+        if kind == "ivf":
+            return self.index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=params["nprobe"]))
+        if kind == "hnsw":
+            return self._search_hnsw(queries, k, params["ef_search"])
+        depth = max(k, params["rerank"])
+        if kind == "ivfpq":
+            scores, found = self.index.search(queries, depth, params=faiss.SearchParametersIVF(nprobe=params["nprobe"]))
+        else:
+            distances, found = self.index.search(self._codes(queries), depth)
+            scores = np.cos(np.pi * distances / params["bits"]).astype(np.float32)  # SimHash's cosine estimate
+        return self._rerank(queries, scores, found, k)
+
+    def _search_hnsw(self, queries: np.ndarray, k: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
+        inner = faiss.downcast_index(self.index.index)
+        settings = faiss.SearchParametersHNSW()
+        settings.efSearch = max(ef, k)
+        if self._dead.any():
+            bitmap = np.packbits(self._dead, bitorder="little")
+            selector = faiss.IDSelectorNot(faiss.IDSelectorBitmap(len(self._dead), faiss.swig_ptr(bitmap)))
+            settings.sel = selector
+        scores, positions = inner.search(queries, k, params=settings)
+        id_map = self._id_map()
+        return scores, np.where(positions >= 0, id_map[np.maximum(positions, 0)], -1)
+
+    def _rerank(self, queries, scores, found, k) -> tuple[np.ndarray, np.ndarray]:
+        if self.exact is None:  # no full vectors at hand: approximate scores, best first
+            return scores[:, :k], found[:, :k]
+        out_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        out_ids = np.full((len(queries), k), -1, dtype=np.int64)
+        wanted = np.unique(found[found >= 0])
+        full = self.exact(wanted) if len(wanted) else np.zeros((0, self.dim), np.float32)
+        for start in range(0, len(queries), 64):  # bounds the (queries, candidates, dim) gather
+            rows = found[start:start + 64]
+            where = np.searchsorted(wanted, np.maximum(rows, 0))
+            exact = np.einsum("qcd,qd->qc", full[where] if len(wanted) else np.zeros(rows.shape + (self.dim,)),
+                              queries[start:start + 64])
+            exact[(rows < 0) | ~np.isfinite(exact)] = -np.inf  # padding, or deleted since the file was written
+            best = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+            out_scores[start:start + 64, :best.shape[1]] = np.take_along_axis(exact, best, 1)
+            out_ids[start:start + 64, :best.shape[1]] = np.take_along_axis(rows, best, 1)
+        out_ids[~np.isfinite(out_scores)] = -1
+        return out_scores, out_ids
+
+    def _codes(self, vectors: np.ndarray) -> np.ndarray:
+        return np.packbits(self.codec.apply(_unit(vectors)) > 0, axis=1)
+
+    # -- files ----------------------------------------------------------------------------------
     def save(self, path: Path) -> None:
-        """Write atomically: a reader sees the old file or the new one, never half of one."""
+        """Write atomically: a reader sees the old file or the new one, never half of one.
+
+        A store still waiting for training writes nothing and removes an older file: its vectors
+        are all in the catalog, and the next run trains on them.
+        """
         path = Path(path)
+        if self.index is None:
+            path.unlink(missing_ok=True)
+            return
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            faiss.write_index(self.index, str(tmp))
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            if self.spec.kind in BINARY:
+                writer = faiss.VectorIOWriter()
+                faiss.write_VectorTransform(self.codec, writer)
+                buffer = io.BytesIO()
+                np.savez(buffer, codec=faiss.vector_to_array(writer.data),
+                         index=faiss.serialize_index_binary(self.index))
+                tmp.write_bytes(buffer.getvalue())
+            else:
+                faiss.write_index(self.index, str(tmp))
+            _fsync(tmp)
             os.replace(tmp, path)
         finally:
             if tmp.exists():
                 tmp.unlink()
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync(path.parent)
+
+
+class StaleVectorFile(CrossmodalError):
+    """A vector file of another kind than the catalog's spec (a reindex was interrupted)."""
+
+
+def _new_index(spec: IndexSpec, dim: int):
+    if spec.kind == "flat":
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    if spec.kind == "hnsw":
+        graph = faiss.IndexHNSWFlat(dim, spec.params["M"], faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efConstruction = spec.params["ef_construction"]
+        return faiss.IndexIDMap2(graph)
+    raise CrossmodalError(f"internal: a {spec.kind} index is made by training")
+
+
+def _trained(spec: IndexSpec, dim: int, sample: np.ndarray, n: int):
+    """(spec with learned sizes, trained empty index, codec) for a learned kind."""
+    rng = np.random.default_rng(0)
+    if len(sample) > TRAIN_SAMPLE:
+        sample = sample[np.sort(rng.choice(len(sample), TRAIN_SAMPLE, replace=False))]
+    kind, params = spec.kind, spec.params
+    if kind in BINARY:
+        bits = params["bits"]
+        if kind == "itq":
+            if bits > dim:
+                fewer = f"--bits {dim - dim % 8} or fewer, or " if dim >= 64 else ""
+                raise CrossmodalError(f"itq learns at most {dim} bits from {dim}-d vectors; "
+                                      f"use {fewer}--index-type lsh")
+            codec = faiss.ITQTransform(dim, bits, True)
+            codec.train(sample)
+        else:
+            rotation = faiss.RandomRotationMatrix(dim, bits)
+            rotation.init(1234)
+            a = faiss.vector_to_array(rotation.A).reshape(bits, dim)
+            codec = faiss.LinearTransform(dim, bits, True)
+            faiss.copy_array_to_vector(a.ravel(), codec.A)
+            faiss.copy_array_to_vector(-(a @ sample.mean(axis=0)).astype(np.float32), codec.b)  # centre first
+            codec.is_trained = True
+        return spec, faiss.IndexBinaryIDMap2(faiss.IndexBinaryFlat(bits)), codec
+    nlist = params.get("nlist") or nlist_for(max(n, len(sample)))
+    nlist = min(nlist, len(sample))
+    if kind == "ivf":
+        factory = f"IVF{nlist},Flat"  # nlist stays out of the spec: image and text sides differ
+    else:
+        m = params.get("m") or pq_bytes_for(dim)
+        if dim % m:
+            raise CrossmodalError(f"PQ codes of {m} bytes need a dimension divisible by {m}; the vectors have {dim}")
+        spec = spec.with_params(m=m)
+        factory = (f"OPQ{m},IVF{nlist},PQ{m}" if params["opq"] else f"IVF{nlist},PQ{m}")
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if isinstance(index, faiss.IndexPreTransform):
+        # faiss's 50 OPQ iterations each train a whole PQ; 20 reach nearly the same rotation.
+        faiss.downcast_VectorTransform(index.chain.at(0)).niter = OPQ_ITERATIONS
+    ivf = faiss.extract_index_ivf(index)
+    ivf.cp.spherical = True  # unit vectors: centroids on the sphere, as inner product expects
+    ivf.cp.seed = 1234
+    index.train(sample)
+    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # remove_ids by catalog id
+    return spec, index, None
+
+
+def _kind_of(index) -> str:
+    if isinstance(index, faiss.IndexBinary):
+        return "binary"
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    if isinstance(inner, faiss.IndexHNSW):
+        return "hnsw"
+    if isinstance(inner, faiss.IndexFlat):
+        return "flat"
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return type(inner).__name__
+    return "ivfpq" if isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ) else "ivf"
+
+
+def _exact_top_k(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, k: int):
+    scores = queries @ vectors.T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    top_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    top_ids = np.full((len(queries), k), -1, dtype=np.int64)
+    top_scores[:, :order.shape[1]] = np.take_along_axis(scores, order, 1)
+    top_ids[:, :order.shape[1]] = ids[order]
+    return top_scores, top_ids
+
+
+def _reader(data: np.ndarray):
+    reader = faiss.VectorIOReader()
+    faiss.copy_array_to_vector(np.ascontiguousarray(data, dtype=np.uint8), reader.data)
+    return reader
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+

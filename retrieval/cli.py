@@ -21,7 +21,8 @@ from indexer import IndexOptions, IndexSpec, update_index  # noqa: E402
 from indexer.store import IndexStore, encoder_for, open_encoder  # noqa: E402
 
 from .cli_train import data_group, train_cmd  # noqa: E402
-from .options import domain_errors, index_option, json_option, model_options  # noqa: E402
+from .cli_vectors import echo_build, export_cmd, reindex_cmd  # noqa: E402
+from .options import domain_errors, index_option, index_type_options, json_option, model_options  # noqa: E402
 from .searcher import Hit, Searcher  # noqa: E402
 
 
@@ -32,7 +33,12 @@ def cli() -> None:
 
 
 @cli.command("index")
-@click.argument("root", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("root", type=click.Path(path_type=Path, file_okay=False), required=False)
+@click.option("--embeddings", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Import precomputed vectors in clip-retrieval's layout (img_emb/, text_emb/, metadata/) "
+                   "instead of encoding a folder; --model/--pretrained name the model that made them.")
+@click.option("--images-root", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="With --embeddings: where relative image_path values point [default: the embeddings folder].")
 @index_option
 @model_options
 @click.option("--captions", "captions", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
@@ -44,24 +50,32 @@ def cli() -> None:
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)
 @click.option("--workers", type=click.IntRange(0, 64), default=None,
               help="Decoder processes (0 = decode in the main process) [default: one per core, max 16].")
-@click.option("--index-type", type=click.Choice(["flat"]), default="flat", show_default=True,
-              help="FAISS index kind for a new index.")
+@index_type_options()
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @json_option
 @domain_errors
-def index_cmd(root, index_dir, model, pretrained, device, captions, texts, include_hidden, exclude,
-              batch_size, workers, index_type, progress, as_json):
+def index_cmd(root, embeddings, images_root, index_dir, model, pretrained, device, captions, texts, include_hidden,
+              exclude, batch_size, workers, spec, progress, as_json):
     """Index the images (and captions) under ROOT; re-run to update incrementally.
 
     \b
     crossmodal index ~/Pictures
     crossmodal index photos/ --captions captions.jsonl --texts notes.txt
+    crossmodal index photos/ --index-type auto --memory-budget 4GB
+    crossmodal index --embeddings laion_embeddings/ --model ViT-B-32 --index-type ivfpq
     """
+    if (root is None) == (embeddings is None):
+        raise click.UsageError("give a folder ROOT to index, or --embeddings DIR to import")
     encoder = open_encoder(index_dir, model, pretrained, device)
-    options = IndexOptions(captions=tuple(captions), texts=tuple(texts), include_hidden=include_hidden,
-                           exclude=tuple(exclude), batch_size=batch_size, workers=workers,
-                           spec=IndexSpec(kind=index_type), progress=progress)
-    summary = update_index(root, index_dir, encoder, options)
+    if embeddings is not None:
+        from indexer.embeddings import import_embeddings
+
+        summary = import_embeddings(embeddings, index_dir, encoder.identity, spec, images_root)
+    else:
+        options = IndexOptions(captions=tuple(captions), texts=tuple(texts), include_hidden=include_hidden,
+                               exclude=tuple(exclude), batch_size=batch_size, workers=workers,
+                               spec=spec, progress=progress)
+        summary = update_index(root, index_dir, encoder, options)
     if as_json:
         click.echo(json.dumps(summary.as_dict(), indent=2))
         return
@@ -77,6 +91,8 @@ def index_cmd(root, index_dir, model, pretrained, device, captions, texts, inclu
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in summary.stages.items())
     rate = f" ({summary.images_per_second:.1f} images/s)" if summary.images_per_second else ""
     click.echo(f"  {summary.seconds:.2f}s{rate}: {stages}")
+    if summary.build:
+        echo_build(summary.build)
 
 
 @cli.command("search")
@@ -143,7 +159,11 @@ def info_cmd(index_dir, skipped, as_json):
     weights = m["pretrained"] + (f" (sha256 {m['checkpoint_sha256'][:12]})" if m["checkpoint_sha256"] else "")
     click.echo(f"index:    {info['index']} (schema v{info['schema_version']})")
     click.echo(f"model:    {m['name']} / {weights}, {m['embed_dim']}-d, open_clip {m['open_clip_version']}")
-    click.echo(f"type:     {info['index_spec']['kind']} ({info['index_spec']['metric']})")
+    spec = IndexSpec(**info["index_spec"])
+    tuned = spec.params.get("tuned")
+    recall = f"; recall@10 {', '.join(f'{m} {r:.3f}' for m, r in tuned['recall'].items())}" if tuned else ""
+    chosen = " (chosen by auto)" if "auto" in spec.params else ""
+    click.echo(f"type:     {spec.describe()}{chosen}{recall}")
     click.echo(f"items:    {c['image']} images, {c['caption']} captions, {c['text']} texts, {c['skipped']} skipped")
     click.echo(f"vectors:  {info['vectors']['image']} image, {info['vectors']['text']} text")
     click.echo(f"roots:    {', '.join(info['roots']) or '-'}")
@@ -257,6 +277,8 @@ def _print_history(runs, as_json: bool) -> None:
 
 cli.add_command(data_group)
 cli.add_command(train_cmd)
+cli.add_command(reindex_cmd)
+cli.add_command(export_cmd)
 
 
 def main() -> None:

@@ -46,3 +46,63 @@ def model_options(func):
 
 def json_option(func):
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(func)
+
+
+# --index-type and its settings: (option, spec parameter, click type, help)
+_SPEC_OPTIONS = (
+    ("--nlist", "nlist", click.IntRange(1), "ivf/ivfpq: inverted lists [default: about 4*sqrt(n)]."),
+    ("--nprobe", "nprobe", click.IntRange(1), "ivf/ivfpq: lists searched per query [default: 16, or tuned]."),
+    ("--pq-bytes", "m", click.IntRange(1), "ivfpq: bytes per PQ code [default: up to 64, dividing the dim]."),
+    ("--opq/--no-opq", "opq", None, "ivfpq: rotate with OPQ before PQ [default: on]."),
+    ("--rerank", "rerank", click.IntRange(1), "ivfpq/lsh/itq: candidates scored again exactly."),
+    ("--hnsw-m", "M", click.IntRange(2, 256), "hnsw: links per node [default: 32]."),
+    ("--ef-construction", "ef_construction", click.IntRange(1), "hnsw: build-time beam [default: 80]."),
+    ("--ef-search", "ef_search", click.IntRange(1), "hnsw: search beam [default: 64, or tuned]."),
+    ("--bits", "bits", click.IntRange(64, 1024), "lsh/itq: code length, a multiple of 8 [default: 256]."),
+    ("--target-recall", "target_recall", click.FloatRange(0, 1, min_open=True),
+     "Tune the search setting to this recall@10 against exact search [auto: 0.95]."),
+    ("--memory-budget", "memory_budget", str, "auto: bytes the index may take, e.g. 4GB."),
+)
+INDEX_TYPES = ("flat", "ivf", "ivfpq", "hnsw", "lsh", "itq", "auto")
+
+
+def parse_bytes(text: str) -> int:
+    units = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30,
+             "T": 2**40, "TB": 2**40}
+    number = text.strip().upper().rstrip("IB") if text.strip().upper().endswith("IB") else text.strip().upper()
+    digits = number.rstrip("KMGTB")
+    try:
+        return int(float(digits) * units[number[len(digits):]])
+    except (ValueError, KeyError):
+        raise click.BadParameter(f"'{text}' is not a size; write bytes or e.g. 512MB, 4GB") from None
+
+
+def index_type_options(required: bool = False):
+    """--index-type and its settings, handed to the command as one ``spec`` (an IndexSpec or None)."""
+    from indexer.spec import IndexSpec
+
+    def decorator(func):
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            kind = kwargs.pop("index_type")
+            settings = {param: kwargs.pop(param) for _, param, _, _ in _SPEC_OPTIONS}
+            settings = {k: v for k, v in settings.items() if v is not None}
+            if "memory_budget" in settings:
+                settings["memory_budget"] = parse_bytes(settings["memory_budget"])
+            if kind is None and settings:
+                raise click.UsageError(f"{', '.join(sorted(settings))} set without --index-type")
+            try:
+                kwargs["spec"] = None if kind is None else IndexSpec(kind, params=settings)
+            except CrossmodalError as exc:
+                raise click.UsageError(str(exc)) from None
+            return func(*args, **kwargs)
+
+        for flag, param, kind, text in reversed(_SPEC_OPTIONS):
+            if kind is None:
+                wrapper = click.option(flag, param, default=None, help=text)(wrapper)
+            else:
+                wrapper = click.option(flag, param, type=kind, default=None, help=text)(wrapper)
+        return click.option("--index-type", "index_type", type=click.Choice(INDEX_TYPES), required=required,
+                            default=None, help="Vector index kind [new index: flat]. See README: index types.")(wrapper)
+
+    return decorator

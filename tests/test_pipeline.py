@@ -26,7 +26,9 @@ def consistent(index):
         for modality in ("image", "text"):
             ids = store.catalog.vector_ids(modality)
             on_disk = store.vector_path(modality)
-            held = VectorStore.load(on_disk).ids() if on_disk.exists() else np.array([], dtype=np.int64)
+            held = np.array([], dtype=np.int64)
+            if on_disk.exists():
+                held = VectorStore.load(on_disk, store.spec, store.meta.embed_dim).ids()
             assert sorted(held.tolist()) == ids.tolist(), modality
             assert len(set(held.tolist())) == len(held)
 

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from indexer.errors import CrossmodalError
-from indexer.vectors import IndexSpec, VectorStore
+from indexer.spec import IndexSpec
+from indexer.vectors import VectorStore
 
 
 def unit_rows(n, dim, seed):
@@ -13,7 +14,7 @@ def unit_rows(n, dim, seed):
 def test_spec_round_trips_and_rejects_unknown_kinds():
     spec = IndexSpec()
     assert IndexSpec.from_json(spec.to_json()) == spec
-    assert spec.factory_string(512) == "IDMap2,Flat"
+    assert spec.describe() == "flat" and spec.params == {}
     with pytest.raises(CrossmodalError, match="unknown index type"):
         IndexSpec(kind="nope")
 
@@ -47,7 +48,7 @@ def test_save_is_atomic_and_round_trips(tmp_path):
     path = tmp_path / "image.faiss"
     store.save(path)
     assert [p.name for p in tmp_path.iterdir()] == ["image.faiss"]  # no temp file left behind
-    loaded = VectorStore.load(path)
+    loaded = VectorStore.load(path, IndexSpec(), 8)
     assert loaded.ids().tolist() == [7, 9]
     np.testing.assert_array_equal(loaded.search(unit_rows(1, 8, 4), 2)[1], store.search(unit_rows(1, 8, 4), 2)[1])
 

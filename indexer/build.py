@@ -1,0 +1,151 @@
+"""From stored vectors to trained, tuned vector indexes: at the end of an indexing run, and ``reindex``.
+
+The catalog holds every vector, so the vector files can be rebuilt as any kind without encoding
+again. :func:`finish` resolves ``auto`` to a kind, trains the modalities whose index learns from
+data, and tunes the search setting when the spec has a target recall; :func:`reindex` rebuilds an
+index as another kind.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .spec import LEARNED, MIN_TRAIN, IndexSpec, TooFewVectors
+from .store import MODALITIES, IndexStore
+from .tuning import SEARCH_SETTING, TUNING_K, choose, exact_top_k, tune, tuning_queries
+from .vectors import VectorStore
+
+RETUNE_GROWTH = 2.0  # tune again once a modality holds this many times the vectors it was tuned for
+ADD_CHUNK = 50_000
+
+
+@dataclass
+class BuildReport:
+    spec: str
+    seconds: float
+    trained: dict[str, int] = field(default_factory=dict)  # modality -> vectors trained on
+    tuning: dict[str, dict] = field(default_factory=dict)  # modality -> Tuning as a dict
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_trainable(spec: IndexSpec, counts: dict[str, int]) -> None:
+    """Refuse a kind that learns from data when a modality with vectors has too few for it."""
+    if spec.kind not in LEARNED or spec.kind == "auto":
+        return
+    for modality, n in counts.items():
+        if 0 < n < MIN_TRAIN[spec.kind]:
+            raise TooFewVectors.for_kind(spec.kind, n, modality)
+
+
+def finish(store: IndexStore, vectors: dict[str, VectorStore], retune: bool = False) -> BuildReport | None:
+    """Resolve auto, train what waits for training, tune; records the resulting spec in the catalog.
+
+    ``vectors`` are changed in place (an auto store is replaced by one of the chosen kind).
+    Returns None when there was nothing to do.
+    """
+    started = time.perf_counter()
+    spec = store.spec
+    counts = {m: len(v) for m, v in vectors.items()}
+    if not any(counts.values()):
+        return None
+    if spec.kind == "auto":
+        auto = spec.params
+        spec = choose(max(counts.values()), store.meta.embed_dim, auto["memory_budget"], auto["target_recall"])
+        for modality, held in list(vectors.items()):
+            vectors[modality] = _moved(held, spec)
+    check_trainable(spec, {m: n for m, n in counts.items() if not vectors[m].trained})
+    report = BuildReport(spec.describe(), 0.0)
+    for modality, held in vectors.items():
+        if not held.trained and len(held):
+            sample = held.held_aside()[1]
+            held.train(sample, n=len(held))
+            report.trained[modality] = len(sample)
+            spec = held.spec  # training may fix learned sizes (PQ bytes)
+    if _wants_tuning(spec, counts, retune or bool(report.trained)):
+        spec = _tune(store, vectors, spec, counts, report)
+    for held in vectors.values():
+        held.spec = spec
+    if not report.trained and not report.tuning and spec == store.spec:
+        return None
+    store.set_spec(spec)
+    report.spec, report.seconds = spec.describe(), round(time.perf_counter() - started, 3)
+    return report
+
+
+def _moved(held: VectorStore, spec: IndexSpec) -> VectorStore:
+    """The vectors of an unresolved auto store in a store of the chosen ``spec``."""
+    moved = VectorStore.empty(spec, held.dim)
+    moved.exact = held.exact
+    moved.add(*held.held_aside())
+    return moved
+
+
+def _wants_tuning(spec: IndexSpec, counts: dict[str, int], rebuilt: bool) -> bool:
+    if spec.kind not in SEARCH_SETTING or not spec.params.get("target_recall"):
+        return False
+    tuned = spec.params.get("tuned")
+    return rebuilt or tuned is None or max(counts.values()) >= RETUNE_GROWTH * tuned["for"]
+
+
+def _tune(store: IndexStore, vectors: dict[str, VectorStore], spec: IndexSpec, counts: dict[str, int],
+          report: BuildReport) -> IndexSpec:
+    """Tune each modality with queries from the other one; the spec takes the largest value needed."""
+    target = spec.params["target_recall"]
+    full = {m: _all_vectors(store, v) for m, v in vectors.items()}
+    values = []
+    for modality, held in vectors.items():
+        if counts[modality] <= TUNING_K:
+            continue
+        other = "text" if modality == "image" else "image"
+        own_ids, own = full[modality]
+        queries, exclude = tuning_queries(own, own_ids, full[other][1])
+        truth = exact_top_k(queries, own, own_ids, TUNING_K, exclude)
+        tuning = tune(held, queries, truth, target, exclude)
+        report.tuning[modality] = {**asdict(tuning), "queries_from": other if exclude is None else modality}
+        values.append(tuning.value)
+    if not values:
+        return spec
+    setting = SEARCH_SETTING[spec.kind]
+    recall = {m: t["recall"] for m, t in report.tuning.items()}
+    return spec.with_params(**{setting: max(values)}, tuned={"for": max(counts.values()), "recall": recall})
+
+
+def _all_vectors(store: IndexStore, held: VectorStore) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.sort(held.ids())
+    if not len(ids):
+        return ids, np.zeros((0, store.meta.embed_dim), dtype=np.float32)
+    return ids, np.concatenate([store.fetch_vectors(ids[i:i + ADD_CHUNK]) for i in range(0, len(ids), ADD_CHUNK)])
+
+
+def reindex(index_dir: Path, spec: IndexSpec) -> BuildReport:
+    """Rebuild the vector files of the index at ``index_dir`` as ``spec``, from stored vectors."""
+    started = time.perf_counter()
+    with IndexStore.open_locked(Path(index_dir)) as store:
+        dim = store.meta.embed_dim
+        counts = {m: len(store.catalog.vector_ids(m)) for m in MODALITIES}
+        check_trainable(spec, counts)
+        vectors = {}
+        for modality in MODALITIES:
+            held = VectorStore.empty(spec, dim)
+            held.exact = store.fetch_vectors
+            ids = store.catalog.vector_ids(modality)
+            for start in range(0, len(ids), ADD_CHUNK):
+                held.add(ids[start:start + ADD_CHUNK], store.fetch_vectors(ids[start:start + ADD_CHUNK]))
+            vectors[modality] = held
+        previous = store.spec
+        store.set_spec(spec)  # first the catalog: an older file left by a crash is then ignored as stale
+        try:
+            report = finish(store, vectors, retune=True) or BuildReport(spec.describe(), 0.0)
+        except BaseException:
+            store.set_spec(previous)
+            raise
+        for modality in MODALITIES:
+            store.save_vectors(modality, vectors[modality])
+    report.seconds = round(time.perf_counter() - started, 3)
+    return report

@@ -1,0 +1,249 @@
+"""Precomputed embeddings in clip-retrieval's layout: import them into an index, export an index as them.
+
+The layout, shards numbered alike and row-aligned::
+
+    DIR/img_emb/img_emb_0.npy            (n, dim) image vectors
+    DIR/text_emb/text_emb_0.npy          (n, dim) caption vectors (optional)
+    DIR/metadata/metadata_0.parquet      columns image_path, caption (or metadata_0.jsonl)
+
+Each row is one image–caption pair; an image on several rows is one image with several captions.
+Our export adds rows clip-retrieval does not write but reads back here: an image without captions
+(caption null, text vector zeros) and a standalone text (image_path null, image vector zeros).
+An import is a root like a folder: importing the same DIR again adds, replaces and removes to match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .build import finish
+from .catalog import CAPTION, TEXT, ImageWrite, TextWrite
+from .encoder import ModelIdentity
+from .errors import CrossmodalError, SourceError
+from .pipeline import IndexSummary
+from .sources import Problem
+from .spec import IndexSpec
+from .store import MODALITIES, IndexStore
+
+SHARD_ROWS = 1_000_000
+WRITE_CHUNK = 10_000
+
+
+@dataclass(frozen=True)
+class Pair:
+    image_path: str | None
+    caption: str | None
+    image_vector: np.ndarray | None
+    text_vector: np.ndarray | None
+    where: str  # shard file and row, for messages
+
+
+def _shard_number(path: Path) -> int:
+    found = re.search(r"_(\d+)$", path.stem)
+    return int(found.group(1)) if found else -1
+
+
+def _metadata(directory: Path, number: int) -> tuple[Path, list[dict]]:
+    for suffix in (".parquet", ".jsonl"):
+        path = directory / "metadata" / f"metadata_{number}{suffix}"
+        if path.is_file():
+            break
+    else:
+        raise SourceError(f"no metadata/metadata_{number}.parquet or .jsonl beside img_emb_{number}.npy in {directory}")
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:  # pragma: no cover - pyarrow is a dependency
+            raise SourceError("reading .parquet metadata needs pyarrow: pip install pyarrow") from None
+        return path, pq.read_table(path, columns=None).to_pylist()
+    rows = []
+    for number_, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise SourceError(f"{path}:{number_}: not JSON ({exc.msg}); fix or remove that line") from None
+    return path, rows
+
+
+def read_pairs(directory: Path, dim: int, problems: list[Problem]) -> Iterator[Pair]:
+    """Every row of every shard under ``directory``; unusable rows become problems, not errors."""
+    directory = Path(directory)
+    shards = sorted((directory / "img_emb").glob("img_emb_*.npy"), key=_shard_number)
+    if not shards:
+        raise SourceError(f"no img_emb/img_emb_*.npy under {directory}: is it clip-retrieval's embeddings folder?")
+    for image_file in shards:
+        number = _shard_number(image_file)
+        images = np.load(image_file, mmap_mode="r")
+        text_file = directory / "text_emb" / f"text_emb_{number}.npy"
+        texts = np.load(text_file, mmap_mode="r") if text_file.is_file() else None
+        meta_file, rows = _metadata(directory, number)
+        sizes = {image_file.name: len(images), meta_file.name: len(rows)}
+        if texts is not None:
+            sizes[text_file.name] = len(texts)
+        if len(set(sizes.values())) != 1 or images.ndim != 2:
+            problems.append(Problem(str(image_file), f"shard skipped: row counts differ ({sizes})"))
+            continue
+        if images.shape[1] != dim or (texts is not None and texts.shape[1] != dim):
+            raise SourceError(f"{image_file} holds {images.shape[1]}-d vectors but the model makes {dim}-d ones; "
+                              "import with the --model/--pretrained that produced them")
+        for row, meta in enumerate(rows):
+            where = f"{meta_file.name}:{row}"
+            image_path, caption = meta.get("image_path"), meta.get("caption")
+            if image_path is None and caption is None:
+                problems.append(Problem(where, "row has neither image_path nor caption; skipped"))
+                continue
+            image_vector = _usable(images[row]) if image_path is not None else None
+            text_vector = _usable(texts[row]) if texts is not None and caption is not None else None
+            if image_path is not None and image_vector is None:
+                problems.append(Problem(where, f"image vector of {image_path} is zero or not finite; skipped"))
+                image_path = None
+            if caption is not None and text_vector is None:
+                if texts is not None:
+                    problems.append(Problem(where, "caption vector is zero or not finite; caption skipped"))
+                caption = None
+            if image_path is not None or caption is not None:
+                yield Pair(image_path, caption, image_vector, text_vector, where)
+
+
+def _usable(vector: np.ndarray) -> np.ndarray | None:
+    vector = np.asarray(vector, dtype=np.float32)
+    norm = float(np.linalg.norm(vector))
+    return vector / norm if np.isfinite(norm) and norm > 0 else None
+
+
+def _vector_digest(vector: np.ndarray) -> str:
+    return "vector:" + hashlib.sha256(np.ascontiguousarray(vector, dtype=np.float32).tobytes()).hexdigest()
+
+
+def import_embeddings(source: Path, index_dir: Path, identity: ModelIdentity, spec: IndexSpec | None = None,
+                      images_root: Path | None = None) -> IndexSummary:
+    """Index precomputed vectors from ``source`` (clip-retrieval layout) as one root of ``index_dir``."""
+    started = time.perf_counter()
+    source = Path(source).expanduser().resolve()
+    if not source.is_dir():
+        raise SourceError(f"embeddings folder not found: {source}")
+    summary = IndexSummary(index=str(Path(index_dir).resolve()), root=str(source))
+    problems: list[Problem] = []
+    pairs = list(read_pairs(source, identity.embed_dim, problems))
+
+    def place(path: str) -> str:  # relative paths are taken from --images-root when given
+        if images_root is None or "://" in path or Path(path).is_absolute():
+            return path
+        return str(Path(images_root).expanduser().resolve() / path)
+
+    images: dict[str, np.ndarray] = {}
+    for pair in pairs:
+        if pair.image_path is not None:
+            images.setdefault(place(pair.image_path), pair.image_vector)
+    with IndexStore.open_for_writing(Path(index_dir), identity, spec) as store:
+        catalog = store.catalog
+        vectors = {m: store.load_vectors(m)[0] for m in MODALITIES}
+        root_id = catalog.root_id(source)
+        known = catalog.image_states(root_id)
+        gone = [state.id for rel, state in known.items() if rel not in images]
+        deleted = catalog.delete_items(gone)
+        for held in vectors.values():
+            held.remove(np.asarray(deleted, dtype=np.int64))
+        summary.removed, summary.texts_removed = len(gone), len(deleted) - len(gone)  # captions go with images
+        writes = []
+        for path, vector in images.items():
+            state, digest = known.get(path), _vector_digest(vector)
+            if state is not None and state.sha256 == digest:
+                summary.unchanged += 1
+                continue
+            if state is not None:
+                vectors["image"].remove(np.array([state.id]))
+                summary.updated += 1
+            else:
+                summary.added += 1
+            writes.append(ImageWrite(path, 0, 0, digest, vector=vector, id=state.id if state else None))
+        for start in range(0, len(writes), WRITE_CHUNK):
+            chunk = writes[start:start + WRITE_CHUNK]
+            vectors["image"].add(np.asarray(catalog.write_images(root_id, chunk)), np.stack([w.vector for w in chunk]))
+        summary.encoded_images = 0
+        _sync_captions(store, root_id, pairs, place, vectors, summary)
+        catalog.mark_root_indexed(root_id)
+        report = finish(store, vectors)
+        summary.build = report.as_dict() if report else None
+        for modality in MODALITIES:
+            store.save_vectors(modality, vectors[modality])
+    summary.problems = [str(p) for p in problems]
+    summary.seconds = round(time.perf_counter() - started, 3)
+    return summary
+
+
+def _sync_captions(store: IndexStore, root_id: int, pairs: list[Pair], place, vectors, summary) -> None:
+    """Make the root's texts equal the import's captions, keyed by (image, text, vector); new ones get new ids."""
+    catalog = store.catalog
+    image_ids = {rel: state.id for rel, state in catalog.image_states(root_id).items()}
+    wanted: dict[tuple[int | None, str, str], Pair] = {}
+    for pair in pairs:
+        if pair.caption is not None:
+            image_id = image_ids.get(place(pair.image_path)) if pair.image_path is not None else None
+            wanted.setdefault((image_id, pair.caption, _vector_digest(pair.text_vector)), pair)
+    existing = {(t.image_id, t.text, t.sha256): t.id for t in catalog.text_states(root_id)}
+    stale = [item_id for key, item_id in existing.items() if key not in wanted]
+    vectors["text"].remove(np.asarray(catalog.delete_items(stale), dtype=np.int64))
+    summary.texts_removed += len(stale)
+    new = [(key, pair) for key, pair in wanted.items() if key not in existing]
+    summary.texts_unchanged = len(wanted) - len(new)
+    for start in range(0, len(new), WRITE_CHUNK):
+        chunk = new[start:start + WRITE_CHUNK]
+        writes = [TextWrite(CAPTION if image_id is not None else TEXT, text, digest, f"embeddings:{pair.where}", 0,
+                            image_id, pair.text_vector)
+                  for (image_id, text, digest), pair in chunk]
+        vectors["text"].add(np.asarray(catalog.write_texts(root_id, writes)), np.stack([w.vector for w in writes]))
+        summary.texts_added += len(writes)
+
+
+def export_embeddings(index_dir: Path, out: Path, fmt: str = "parquet") -> dict:
+    """Write the index's vectors as clip-retrieval's layout under ``out``; returns counts."""
+    if fmt not in ("parquet", "jsonl"):
+        raise CrossmodalError(f"unknown metadata format '{fmt}': use parquet or jsonl")
+    out = Path(out)
+    with IndexStore.open(Path(index_dir)) as store:
+        catalog, dim = store.catalog, store.meta.embed_dim
+        image_ids, text_ids = catalog.vector_ids("image"), catalog.vector_ids("text")
+        items = catalog.items(np.concatenate([image_ids, text_ids]).tolist())
+        image_vectors = dict(zip(image_ids.tolist(), store.fetch_vectors(image_ids))) if len(image_ids) else {}
+        text_vectors = dict(zip(text_ids.tolist(), store.fetch_vectors(text_ids))) if len(text_ids) else {}
+    rows: list[tuple[str | None, str | None, np.ndarray, np.ndarray]] = []
+    captioned = set()
+    zeros = np.zeros(dim, dtype=np.float32)
+    for text_id, vector in text_vectors.items():
+        item = items[text_id]
+        image_vector = image_vectors.get(item.image_id) if item.image_id is not None else None
+        rows.append((item.path if image_vector is not None else None, item.text,
+                     image_vector if image_vector is not None else zeros, vector))
+        captioned.add(item.image_id)
+    rows += [(items[i].path, None, vector, zeros) for i, vector in image_vectors.items() if i not in captioned]
+    for name in ("img_emb", "text_emb", "metadata"):
+        (out / name).mkdir(parents=True, exist_ok=True)
+    shards = max(1, -(-len(rows) // SHARD_ROWS))
+    for shard in range(shards):
+        part = rows[shard * SHARD_ROWS:(shard + 1) * SHARD_ROWS]
+        for column, name in ((2, "img_emb"), (3, "text_emb")):
+            stacked = np.stack([r[column] for r in part]) if part else np.zeros((0, dim), np.float32)
+            np.save(out / name / f"{name}_{shard}.npy", stacked)
+        meta = [{"image_path": r[0], "caption": r[1]} for r in part]
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.table({"image_path": pa.array([m["image_path"] for m in meta], pa.string()),
+                              "caption": pa.array([m["caption"] for m in meta], pa.string())})
+            pq.write_table(table, out / "metadata" / f"metadata_{shard}.parquet")
+        else:
+            (out / "metadata" / f"metadata_{shard}.jsonl").write_text(
+                "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in meta), encoding="utf-8")
+    return {"rows": len(rows), "images": len(image_vectors), "texts": len(text_vectors), "shards": shards,
+            "out": str(out.resolve())}

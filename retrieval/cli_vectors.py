@@ -1,0 +1,65 @@
+"""``crossmodal reindex`` and ``crossmodal export``: the commands that rebuild or write out stored vectors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .options import domain_errors, index_option, index_type_options, json_option
+
+
+def echo_build(build: dict) -> None:
+    trained = ", ".join(f"{m} on {n:,} vectors" for m, n in build["trained"].items())
+    click.echo(f"  index type: {build['spec']}" + (f"; trained {trained}" if trained else ""))
+    for modality, t in build["tuning"].items():
+        state = "reaches" if t["reached"] else "stays below"
+        click.echo(f"  tuned {modality}: {t['setting']}={t['value']} {state} the target, recall@10 {t['recall']:.3f} "
+                   f"over {t['queries']} {t['queries_from']} queries")
+
+
+@click.command("export")
+@click.argument("out", type=click.Path(path_type=Path, file_okay=False))
+@index_option
+@click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl"]), default="parquet", show_default=True,
+              help="Metadata file format.")
+@json_option
+@domain_errors
+def export_cmd(out, index_dir, fmt, as_json):
+    """Write the index's vectors as clip-retrieval's embeddings layout (readable by index --embeddings).
+
+    \b
+    crossmodal export embeddings/ --index photos.idx
+    """
+    from indexer.embeddings import export_embeddings
+
+    result = export_embeddings(index_dir, out, fmt)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"wrote {result['rows']:,} rows ({result['images']:,} images, {result['texts']:,} texts) in "
+               f"{result['shards']} shard(s) to {result['out']}")
+
+
+@click.command("reindex")
+@index_option
+@index_type_options(required=True)
+@json_option
+@domain_errors
+def reindex_cmd(index_dir, spec, as_json):
+    """Rebuild the vector index as another type from the stored vectors (nothing is encoded again).
+
+    \b
+    crossmodal reindex --index-type hnsw
+    crossmodal reindex --index-type ivfpq --pq-bytes 32 --target-recall 0.95
+    crossmodal reindex --index-type auto --memory-budget 2GB
+    """
+    from indexer.build import reindex
+
+    report = reindex(index_dir, spec)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+        return
+    click.echo(f"rebuilt {index_dir} in {report.seconds:.1f}s")
+    echo_build(report.as_dict())
