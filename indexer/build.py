@@ -17,7 +17,7 @@ import numpy as np
 from .spec import LEARNED, MIN_TRAIN, IndexSpec, TooFewVectors
 from .store import MODALITIES, IndexStore
 from .tuning import SEARCH_SETTING, TUNING_K, choose, exact_top_k, tune, tuning_queries
-from .vectors import VectorStore
+from .vectors import VectorStore, gpu_wanted
 
 RETUNE_GROWTH = 2.0  # tune again once a modality holds this many times the vectors it was tuned for
 ADD_CHUNK = 50_000
@@ -81,7 +81,7 @@ def finish(store: IndexStore, vectors: dict[str, VectorStore], retune: bool = Fa
 def _moved(held: VectorStore, spec: IndexSpec) -> VectorStore:
     """The vectors of an unresolved auto store in a store of the chosen ``spec``."""
     moved = VectorStore.empty(spec, held.dim)
-    moved.exact = held.exact
+    moved.exact, moved.use_gpu = held.exact, held.use_gpu
     moved.add(*held.held_aside())
     return moved
 
@@ -123,8 +123,11 @@ def _all_vectors(store: IndexStore, held: VectorStore) -> tuple[np.ndarray, np.n
     return ids, np.concatenate([store.fetch_vectors(ids[i:i + ADD_CHUNK]) for i in range(0, len(ids), ADD_CHUNK)])
 
 
-def reindex(index_dir: Path, spec: IndexSpec) -> BuildReport:
-    """Rebuild the vector files of the index at ``index_dir`` as ``spec``, from stored vectors."""
+def reindex(index_dir: Path, spec: IndexSpec, device: str = "auto") -> BuildReport:
+    """Rebuild the vector files of the index at ``index_dir`` as ``spec``, from stored vectors.
+
+    ``device`` auto or cuda trains IVF on the GPU where faiss has one.
+    """
     started = time.perf_counter()
     with IndexStore.open_locked(Path(index_dir)) as store:
         dim = store.meta.embed_dim
@@ -133,7 +136,7 @@ def reindex(index_dir: Path, spec: IndexSpec) -> BuildReport:
         vectors = {}
         for modality in MODALITIES:
             held = VectorStore.empty(spec, dim)
-            held.exact = store.fetch_vectors
+            held.exact, held.use_gpu = store.fetch_vectors, gpu_wanted(device)
             ids = store.catalog.vector_ids(modality)
             for start in range(0, len(ids), ADD_CHUNK):
                 held.add(ids[start:start + ADD_CHUNK], store.fetch_vectors(ids[start:start + ADD_CHUNK]))

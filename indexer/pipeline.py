@@ -38,7 +38,7 @@ from .sources import (
 )
 from .spec import IndexSpec, TooFewVectors
 from .store import IndexStore
-from .vectors import VectorStore
+from .vectors import VectorStore, gpu_wanted
 
 
 def default_workers() -> int:
@@ -121,6 +121,7 @@ class _Run:
     def load(self) -> None:
         for modality in ("image", "text"):
             vectors, report = self.store.load_vectors(modality)
+            vectors.use_gpu = self.encoder.device.type == "cuda" and gpu_wanted("cuda")
             self.vectors[modality] = vectors
             if report.added or report.removed:
                 self.dirty.add(modality)  # caught up after an interrupted run: persist that

@@ -38,6 +38,8 @@ class VectorStore:
         self.index = index  # faiss.Index or faiss.IndexBinary; None until trained for learned kinds
         self.codec = codec  # binary kinds: the float -> code transform
         self.exact: Callable[[np.ndarray], np.ndarray] | None = None  # full vectors by id, for re-ranking
+        self.use_gpu = False  # flat and IVF search, IVF training on the GPU (see gpu_wanted)
+        self._gpu_copy = None  # the index cloned to the GPU, dropped at every change
         self._pending_ids = np.zeros(0, dtype=np.int64)
         self._pending = np.zeros((0, dim), dtype=np.float32)
         self._dead = np.zeros(0, dtype=bool)  # hnsw: tombstoned positions
@@ -121,7 +123,7 @@ class VectorStore:
         need = MIN_TRAIN[self.spec.kind]
         if len(sample) < need:
             raise TooFewVectors.for_kind(self.spec.kind, len(sample))
-        self.spec, self.index, self.codec = _trained(self.spec, self.dim, sample, n)
+        self.spec, self.index, self.codec = _trained(self.spec, self.dim, sample, n, self.use_gpu)
         ids, vectors = self._pending_ids, self._pending
         self._pending_ids, self._pending = np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), np.float32)
         self.add(ids, vectors)
@@ -132,6 +134,7 @@ class VectorStore:
         ids, vectors = _ids(ids), _unit(vectors)
         if not len(ids):
             return
+        self._gpu_copy = None
         if self.index is None:
             self._pending_ids = np.concatenate([self._pending_ids, ids])
             self._pending = np.concatenate([self._pending, vectors])
@@ -146,6 +149,7 @@ class VectorStore:
         ids = _ids(ids)
         if not len(ids):
             return 0
+        self._gpu_copy = None
         if self.index is None:
             keep = ~np.isin(self._pending_ids, ids)
             removed = int((~keep).sum())
@@ -201,9 +205,9 @@ class VectorStore:
             return _exact_top_k(queries, self._pending, self._pending_ids, k)
         kind = self.spec.kind
         if kind == "flat":
-            return self.index.search(queries, k)
+            return self._searched(queries, k)
         if kind == "ivf":
-            return self.index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=params["nprobe"]))
+            return self._searched(queries, k, params["nprobe"])
         if kind == "hnsw":
             return self._search_hnsw(queries, k, params["ef_search"])
         depth = max(k, params["rerank"])
@@ -213,6 +217,21 @@ class VectorStore:
             distances, found = self.index.search(self._codes(queries), depth)
             scores = np.cos(np.pi * distances / params["bits"]).astype(np.float32)  # SimHash's cosine estimate
         return self._rerank(queries, scores, found, k)
+
+    def _searched(self, queries: np.ndarray, k: int, nprobe: int | None = None):
+        """Flat or IVF search, on the GPU when asked for and faiss has one; on the CPU otherwise."""
+        if self.use_gpu and gpu_count() and self._gpu_copy is None:
+            try:
+                self._gpu_copy = faiss.index_cpu_to_all_gpus(self.index)
+            except RuntimeError:  # a structure the GPU build cannot clone: stay on the CPU
+                self.use_gpu = False
+        if self.use_gpu and self._gpu_copy is not None:
+            if nprobe is not None:
+                faiss.GpuParameterSpace().set_index_parameter(self._gpu_copy, "nprobe", min(nprobe, 2048))
+            return self._gpu_copy.search(queries, k)
+        if nprobe is None:
+            return self.index.search(queries, k)
+        return self.index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
 
     def _search_hnsw(self, queries: np.ndarray, k: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
         inner = faiss.downcast_index(self.index.index)
@@ -292,7 +311,17 @@ def _new_index(spec: IndexSpec, dim: int):
     raise CrossmodalError(f"internal: a {spec.kind} index is made by training")
 
 
-def _trained(spec: IndexSpec, dim: int, sample: np.ndarray, n: int):
+def gpu_count() -> int:
+    """GPUs faiss can use: 0 with faiss-cpu (the GPU build is ``pip install 'crossmodal-search[gpu]'``)."""
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def gpu_wanted(device: str) -> bool:
+    """Whether a --device asks faiss for the GPU (auto: when there is one); no GPU means CPU, quietly."""
+    return device != "cpu" and gpu_count() > 0
+
+
+def _trained(spec: IndexSpec, dim: int, sample: np.ndarray, n: int, use_gpu: bool = False):
     """(spec with learned sizes, trained empty index, codec) for a learned kind."""
     rng = np.random.default_rng(0)
     if len(sample) > TRAIN_SAMPLE:
@@ -333,7 +362,10 @@ def _trained(spec: IndexSpec, dim: int, sample: np.ndarray, n: int):
     ivf = faiss.extract_index_ivf(index)
     ivf.cp.spherical = True  # unit vectors: centroids on the sphere, as inner product expects
     ivf.cp.seed = 1234
+    if use_gpu and gpu_count():  # k-means assignment, the bulk of IVF training, on the GPU
+        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(ivf.d))
     index.train(sample)
+    ivf.clustering_index = None
     ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # remove_ids by catalog id
     return spec, index, None
 

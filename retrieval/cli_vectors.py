@@ -45,9 +45,11 @@ def export_cmd(out, index_dir, fmt, as_json):
 @click.command("reindex")
 @index_option
 @index_type_options(required=True)
+@click.option("--device", envvar="CROSSMODAL_DEVICE", default="auto", show_default=True, show_envvar=True,
+              help="auto, cpu or cuda: where faiss trains IVF (GPU only with faiss-gpu installed).")
 @json_option
 @domain_errors
-def reindex_cmd(index_dir, spec, as_json):
+def reindex_cmd(index_dir, spec, device, as_json):
     """Rebuild the vector index as another type from the stored vectors (nothing is encoded again).
 
     \b
@@ -57,7 +59,7 @@ def reindex_cmd(index_dir, spec, as_json):
     """
     from indexer.build import reindex
 
-    report = reindex(index_dir, spec)
+    report = reindex(index_dir, spec, device)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
         return

@@ -16,7 +16,7 @@ from indexer.decode import DRAFT_FACTOR, open_image
 from indexer.encoder import Encoder
 from indexer.errors import QueryError
 from indexer.store import MODALITIES, IndexStore, encoder_for
-from indexer.vectors import VectorStore
+from indexer.vectors import VectorStore, gpu_wanted
 
 MAX_K = 10_000
 
@@ -73,7 +73,9 @@ class Searcher:
         if modality not in MODALITIES:
             raise QueryError(f"unknown target '{modality}': use image or text")
         if modality not in self._vectors:
-            self._vectors[modality] = self.store.load_vectors(modality)[0]
+            vectors = self.store.load_vectors(modality)[0]
+            vectors.use_gpu = gpu_wanted(self._device)
+            self._vectors[modality] = vectors
         return self._vectors[modality]
 
     # -- queries ------------------------------------------------------------------------------

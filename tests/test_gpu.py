@@ -45,3 +45,27 @@ def test_training_with_amp_on_cuda(tmp_path):
                                  progress=False))
     assert summary.steps == 4 and np.isfinite(summary.loss)
     assert summary.validation["text_to_image"]["queries"] == 24
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_faiss_gpu_search_and_ivf_training_agree_with_the_cpu(kind):
+    from indexer.spec import IndexSpec
+    from indexer.vectors import VectorStore, gpu_count
+
+    if not gpu_count():
+        pytest.skip("faiss has no GPU here (faiss-cpu installed): pip install 'crossmodal-search[gpu]'")
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((5_000, 64)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    stores = []
+    for use_gpu in (False, True):
+        store = VectorStore.empty(IndexSpec(kind, params={"nprobe": 8} if kind == "ivf" else {}), 64)
+        store.use_gpu = use_gpu
+        store.add(np.arange(5_000), base)
+        if not store.trained:
+            store.train(base)
+        stores.append(store)
+    cpu, gpu = (s.search(base[:50], 10)[1] for s in stores)
+    assert stores[1]._gpu_copy is not None  # the search ran on the GPU
+    overlap = np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(cpu, gpu)])
+    assert overlap >= (0.999 if kind == "flat" else 0.9)
