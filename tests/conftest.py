@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 
 from indexer.encoder import ModelIdentity
@@ -78,6 +79,28 @@ def photo_dir(tmp_path: Path) -> Path:
     make_image(root / "sub" / "other.jpg", seed=11)
     (root / "img0.txt").write_text("a first caption\nanother caption for img0\n")
     return root
+
+
+@pytest.fixture
+def invoke(monkeypatch, tmp_path):
+    """Run the CLI with the fake encoder and CROSSMODAL_INDEX=tmp_path/idx; ``ok=True`` asserts success."""
+    import retrieval.cli
+    import retrieval.searcher
+    from retrieval.cli import cli
+
+    encoder = FakeEncoder()
+    monkeypatch.setattr(retrieval.cli, "open_encoder", lambda *a, **k: encoder)
+    monkeypatch.setattr(retrieval.searcher, "encoder_for", lambda *a, **k: encoder)
+    monkeypatch.setenv("CROSSMODAL_INDEX", str(tmp_path / "idx"))
+    runner = CliRunner()
+
+    def _invoke(*args, ok: bool = False):
+        result = runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+        if ok:
+            assert result.exit_code == 0, result.output
+        return result
+
+    return _invoke
 
 
 def pytest_collection_modifyitems(config, items):

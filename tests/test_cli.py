@@ -5,26 +5,6 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
-from conftest import FakeEncoder
-
-import retrieval.cli
-import retrieval.searcher
-from retrieval.cli import cli
-
-
-@pytest.fixture
-def invoke(monkeypatch, tmp_path):
-    encoder = FakeEncoder()
-    monkeypatch.setattr(retrieval.cli, "open_encoder", lambda *a, **k: encoder)
-    monkeypatch.setattr(retrieval.searcher, "encoder_for", lambda *a, **k: encoder)
-    monkeypatch.setenv("CROSSMODAL_INDEX", str(tmp_path / "idx"))
-    runner = CliRunner()
-
-    def _invoke(*args):
-        return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-    return _invoke
 
 
 def test_index_json_summary_then_incremental(invoke, photo_dir):

@@ -4,32 +4,17 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-from conftest import FAKE_DIM, FakeEncoder
+from conftest import FAKE_DIM
 
-import retrieval.cli
-import retrieval.searcher
 from indexer.store import IndexStore
 from indexer.vectors import VectorStore
-from retrieval.cli import cli
 from retrieval.searcher import Searcher
 
 
 @pytest.fixture
-def invoke(monkeypatch, tmp_path):
-    encoder = FakeEncoder()
-    monkeypatch.setattr(retrieval.cli, "open_encoder", lambda *a, **k: encoder)
-    monkeypatch.setattr(retrieval.searcher, "encoder_for", lambda *a, **k: encoder)
-    monkeypatch.setenv("CROSSMODAL_INDEX", str(tmp_path / "idx"))
-    runner = CliRunner()
-
-    def _invoke(*args, ok=True):
-        result = runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
-        if ok:
-            assert result.exit_code == 0, result.output
-        return result
-
-    return _invoke
+def invoke(invoke):
+    """The shared CLI runner, asserting success unless told ``ok=False``."""
+    return lambda *args, ok=True: invoke(*args, ok=ok)
 
 
 def unit(x):
