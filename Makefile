@@ -48,17 +48,21 @@ demo: $(STAMP)
 	@echo; echo "index: $(DEMO_DIR)/index   try: $(VENV)/bin/crossmodal search 'a green triangle at the top' --index $(DEMO_DIR)/index"
 
 # Reproduces indexer/weights/crossmodal-demo.safetensors from scratch (see README for the wall time):
-# 12 epochs from random init, then 8 more at a lower learning rate from that run's checkpoint.
+# 12 epochs from random init and 8 more at a lower learning rate, both at 64 px (crossmodal-demo-64px),
+# then 4 epochs at 96 px (crossmodal-demo; open_clip interpolates the position embeddings).
 demo-model: $(STAMP)
 	$(CM) data synth --out $(DEMO_TRAIN_DIR)/corpus --n 20000 --seed 1 --test 1000 --val 500
-	$(CM) train $(DEMO_TRAIN_DIR)/corpus/dataset_synth.json --model crossmodal-demo --pretrained none \
+	$(CM) train $(DEMO_TRAIN_DIR)/corpus/dataset_synth.json --model crossmodal-demo-64px --pretrained none \
 		--out $(DEMO_TRAIN_DIR)/run1 --epochs 12 --batch-size 128 --lr 1e-3 --warmup 150 --val-every 288 \
 		--checkpoint-every 144 --seed 0
-	$(CM) train $(DEMO_TRAIN_DIR)/corpus/dataset_synth.json --model crossmodal-demo \
+	$(CM) train $(DEMO_TRAIN_DIR)/corpus/dataset_synth.json --model crossmodal-demo-64px \
 		--pretrained $(DEMO_TRAIN_DIR)/run1/checkpoint.pt --out $(DEMO_TRAIN_DIR)/run2 --epochs 8 --batch-size 128 \
-		--lr 3e-4 --warmup 50 --val-every 288 --checkpoint-every 144 --seed 1 --fp16
+		--lr 3e-4 --warmup 50 --val-every 288 --checkpoint-every 144 --seed 1
+	$(CM) train $(DEMO_TRAIN_DIR)/corpus/dataset_synth.json --model crossmodal-demo \
+		--pretrained $(DEMO_TRAIN_DIR)/run2/checkpoint.pt --out $(DEMO_TRAIN_DIR)/run3 --epochs 4 --batch-size 128 \
+		--lr 3e-4 --warmup 50 --val-every 144 --checkpoint-every 144 --seed 3 --fp16
 	mkdir -p indexer/weights
-	cp $(DEMO_TRAIN_DIR)/run2/weights.safetensors indexer/weights/crossmodal-demo.safetensors
+	cp $(DEMO_TRAIN_DIR)/run3/weights.safetensors indexer/weights/crossmodal-demo.safetensors
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -103,6 +103,9 @@ def exact_top_k(queries: np.ndarray, base: np.ndarray, base_ids: np.ndarray, k: 
         if exclude is not None:
             scores = np.where(ids == exclude[:, None], -np.inf, scores)
         scores, ids = np.hstack([best_scores, scores]), np.hstack([best_ids, ids])
+        if scores.shape[1] > k:  # partition first: sorting whole blocks dominates at a million vectors
+            part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            scores, ids = np.take_along_axis(scores, part, 1), np.take_along_axis(ids, part, 1)
         keep = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         best_scores, best_ids = np.take_along_axis(scores, keep, 1), np.take_along_axis(ids, keep, 1)
     return best_ids
