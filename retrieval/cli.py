@@ -102,21 +102,26 @@ def index_cmd(root, embeddings, images_root, index_dir, model, pretrained, devic
 @click.option("--to", "target", type=click.Choice(["image", "text"]), default=None,
               help="What to find [default: images for a text query, texts for an image query].")
 @click.option("-k", "--top-k", "k", type=int, default=10, show_default=True, help="Number of results.")
+@click.option("--nprobe", type=int, default=None, help="ivf/ivfpq: lists to search [default: the index's].")
+@click.option("--ef-search", type=int, default=None, help="hnsw: search beam [default: the index's].")
+@click.option("--rerank", type=int, default=None, help="ivfpq/lsh/itq: candidates re-scored exactly.")
 @index_option
 @model_options
 @json_option
 @domain_errors
-def search_cmd(query, image, target, k, index_dir, model, pretrained, device, as_json):
+def search_cmd(query, image, target, k, nprobe, ef_search, rerank, index_dir, model, pretrained, device, as_json):
     """Search the index by text (QUERY) or by --image.
 
     \b
     crossmodal search "a dog on a beach"
     crossmodal search "a dog on a beach" --to text
     crossmodal search --image query.jpg --to image -k 5
+    crossmodal search "a dog on a beach" --nprobe 64      # more recall from an ivf index, this once
     """
     if (query is None) == (image is None):
         raise click.UsageError("give either a text QUERY or --image PATH")
-    with Searcher.open(index_dir, model=model, pretrained=pretrained, device=device) as searcher:
+    settings = {"nprobe": nprobe, "ef_search": ef_search, "rerank": rerank}
+    with Searcher.open(index_dir, model=model, pretrained=pretrained, device=device, settings=settings) as searcher:
         if image is not None:
             hits = searcher.search_image(image, to=target or "text", k=k)
         else:

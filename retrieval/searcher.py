@@ -15,10 +15,14 @@ from PIL import Image
 from indexer.decode import DRAFT_FACTOR, open_image
 from indexer.encoder import Encoder
 from indexer.errors import QueryError
+from indexer.spec import IndexSpec
 from indexer.store import MODALITIES, IndexStore, encoder_for
 from indexer.vectors import VectorStore, gpu_wanted
 
 MAX_K = 10_000
+SEARCH_SETTINGS_OF = {"ivf": ("nprobe",), "ivfpq": ("nprobe", "rerank"), "hnsw": ("ef_search",),
+                      "lsh": ("rerank",), "itq": ("rerank",)}
+SEARCH_SETTINGS = {name for names in SEARCH_SETTINGS_OF.values() for name in names}
 
 
 @dataclass(frozen=True)
@@ -40,8 +44,9 @@ class Searcher:
     """Search one index. The model is loaded on the first text or image query."""
 
     def __init__(self, store: IndexStore, *, model: str | None = None, pretrained: str | None = None,
-                 device: str = "auto", encoder: Encoder | None = None):
+                 device: str = "auto", encoder: Encoder | None = None, settings: dict | None = None):
         self.store = store
+        self.settings = _check_settings(store.spec, settings or {})  # search-time nprobe/ef_search/rerank
         self._model, self._pretrained, self._device = model, pretrained, device
         self._encoder = encoder
         if encoder is not None:
@@ -50,7 +55,12 @@ class Searcher:
 
     @classmethod
     def open(cls, index_dir: Path, **kwargs) -> Searcher:
-        return cls(IndexStore.open(Path(index_dir)), **kwargs)
+        store = IndexStore.open(Path(index_dir))
+        try:
+            return cls(store, **kwargs)
+        except BaseException:
+            store.close()
+            raise
 
     def close(self) -> None:
         self.store.close()
@@ -111,7 +121,7 @@ class Searcher:
         store = self.vectors(to)
         if len(store) == 0:
             return [[] for _ in queries]
-        scores, ids = store.search(queries, k)
+        scores, ids = store.search(queries, k, **self.settings)
         items = self.store.catalog.items(np.unique(ids[ids >= 0]).tolist())
         results = []
         for row_scores, row_ids in zip(scores, ids):
@@ -124,6 +134,17 @@ class Searcher:
                                 item.image_id, item.origin))
             results.append(hits)
         return results
+
+
+def _check_settings(spec: IndexSpec, settings: dict) -> dict:
+    settings = {name: value for name, value in settings.items() if value is not None}
+    for name, value in settings.items():
+        if name not in SEARCH_SETTINGS or name not in spec.params:
+            kinds = ", ".join(k for k, names in SEARCH_SETTINGS_OF.items() if name in names)
+            raise QueryError(f"the index is {spec.kind}; {name} applies to {kinds or 'no index type'}")
+        if not isinstance(value, int) or value < 1:
+            raise QueryError(f"{name} must be a positive whole number, got {value!r}")
+    return settings
 
 
 def _check_k(k: int) -> None:

@@ -174,3 +174,17 @@ def test_vector_file_of_an_interrupted_reindex_is_ignored(invoke, tmp_path):
     with IndexStore.open(index) as store:
         held = store.load_vectors("image")[0]
         assert held.trained and isinstance(held, VectorStore) and len(held) == 1_200
+
+
+def test_search_settings_override_the_stored_ones_for_one_query(invoke, tmp_path):
+    write_embeddings(tmp_path / "emb", 1_500, shards=1)
+    invoke("index", "--embeddings", tmp_path / "emb", "--index-type", "ivf", "--nprobe", "4")
+    one = json.loads(invoke("search", "caption number 3", "--nprobe", "1", "-k", "50", "--json").output)
+    every = json.loads(invoke("search", "caption number 3", "--nprobe", "4096", "-k", "50", "--json").output)
+    assert len(every) == 50 and len(one) <= 50
+    with Searcher.open(tmp_path / "idx") as searcher:  # exact search over the same vectors
+        query = searcher.encoder.encode_texts(["caption number 3"])
+        exact = searcher.store.fetch_vectors(searcher.store.catalog.vector_ids("image")) @ query[0]
+    assert [h["score"] for h in every] == pytest.approx(sorted(exact, reverse=True)[:50], rel=1e-5)
+    result = invoke("search", "caption number 3", "--ef-search", "64", ok=False)
+    assert result.exit_code == 1 and "the index is ivf; ef_search applies to hnsw" in result.output
