@@ -485,6 +485,13 @@ class Catalog:
             rows = s.scalars(select(EvalRunRow).order_by(EvalRunRow.id)).all()
             return [EvalRun(r.id, r.created_at, r.model, r.index_spec, r.source, json.loads(r.result)) for r in rows]
 
+    def images(self) -> list[ItemView]:
+        """Every image item, indexed or skipped, with its absolute path."""
+        with Session(self.engine) as s:
+            ids = list(s.scalars(select(ItemRow.id).where(ItemRow.kind == IMAGE).order_by(ItemRow.id)))
+        views = self.items(ids)
+        return [views[i] for i in ids]
+
     def skipped(self) -> list[ItemView]:
         with Session(self.engine) as s:
             ids = list(s.scalars(select(ItemRow.id).where(ItemRow.error.is_not(None)).order_by(ItemRow.id)))

@@ -228,6 +228,19 @@ def _require_same_kind(stored: IndexSpec, wanted: IndexSpec | None, directory: P
                           f"`crossmodal reindex --index {directory} --index-type {wanted.kind}` (no re-encoding)")
 
 
+def leftover_temp_files(directory: Path) -> list[Path]:
+    """Temp files of vector writes whose process is gone (killed mid-write): safe to delete."""
+    found = []
+    for path in Path(directory).glob(".*.tmp-*"):
+        try:
+            os.kill(int(path.name.rsplit("-", 1)[1]), 0)
+        except (ValueError, ProcessLookupError):
+            found.append(path)
+        except PermissionError:  # alive, someone else's
+            pass
+    return sorted(found)
+
+
 def _acquire_lock(directory: Path) -> int:
     fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -237,4 +250,6 @@ def _acquire_lock(directory: Path) -> int:
         raise IndexLocked(
             f"another crossmodal process is writing to {directory}; wait for it to finish and run again"
         ) from None
+    for path in leftover_temp_files(directory):  # we are the only writer now
+        path.unlink(missing_ok=True)
     return fd

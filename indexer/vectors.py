@@ -184,7 +184,11 @@ class VectorStore:
             last = np.zeros(len(id_map), dtype=bool)
             last[len(id_map) - 1 - np.unique(id_map[::-1], return_index=True)[1]] = True
             self._dead |= ~last
-        held = self.ids()
+        held, copies = np.unique(self.ids(), return_counts=True)
+        doubled = held[copies > 1]
+        if len(doubled):  # every copy goes; the catalog's vector comes back below
+            self.remove(doubled)
+            held = np.setdiff1d(held, doubled, assume_unique=True)
         missing = np.setdiff1d(expected_ids, held, assume_unique=True)
         extra = np.setdiff1d(held, expected_ids, assume_unique=True)
         self.remove(extra)

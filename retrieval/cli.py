@@ -21,7 +21,7 @@ from indexer import IndexOptions, IndexSpec, update_index  # noqa: E402
 from indexer.store import IndexStore, encoder_for, open_encoder  # noqa: E402
 
 from .cli_train import data_group, train_cmd  # noqa: E402
-from .cli_vectors import echo_build, export_cmd, reindex_cmd  # noqa: E402
+from .cli_vectors import echo_build, export_cmd, reindex_cmd, verify_cmd  # noqa: E402
 from .options import domain_errors, index_option, index_type_options, json_option, model_options  # noqa: E402
 from .searcher import Hit, Searcher  # noqa: E402
 
@@ -51,11 +51,13 @@ def cli() -> None:
 @click.option("--workers", type=click.IntRange(0, 64), default=None,
               help="Decoder processes (0 = decode in the main process) [default: one per core, max 16].")
 @index_type_options()
+@click.option("--flush-seconds", type=click.FloatRange(0), default=30.0, show_default=True,
+              help="How often vector files are written during a run (the catalog commits every batch).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @json_option
 @domain_errors
 def index_cmd(root, embeddings, images_root, index_dir, model, pretrained, device, captions, texts, include_hidden,
-              exclude, batch_size, workers, spec, progress, as_json):
+              exclude, batch_size, workers, spec, flush_seconds, progress, as_json):
     """Index the images (and captions) under ROOT; re-run to update incrementally.
 
     \b
@@ -74,7 +76,7 @@ def index_cmd(root, embeddings, images_root, index_dir, model, pretrained, devic
     else:
         options = IndexOptions(captions=tuple(captions), texts=tuple(texts), include_hidden=include_hidden,
                                exclude=tuple(exclude), batch_size=batch_size, workers=workers,
-                               spec=spec, progress=progress)
+                               spec=spec, flush_seconds=flush_seconds, progress=progress)
         summary = update_index(root, index_dir, encoder, options)
     if as_json:
         click.echo(json.dumps(summary.as_dict(), indent=2))
@@ -284,6 +286,7 @@ cli.add_command(data_group)
 cli.add_command(train_cmd)
 cli.add_command(reindex_cmd)
 cli.add_command(export_cmd)
+cli.add_command(verify_cmd)
 
 
 def main() -> None:

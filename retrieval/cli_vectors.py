@@ -1,4 +1,4 @@
-"""``crossmodal reindex`` and ``crossmodal export``: the commands that rebuild or write out stored vectors."""
+"""``crossmodal reindex``, ``export`` and ``verify``: the commands that rebuild, write out or check stored vectors."""
 
 from __future__ import annotations
 
@@ -65,3 +65,42 @@ def reindex_cmd(index_dir, spec, device, as_json):
         return
     click.echo(f"rebuilt {index_dir} in {report.seconds:.1f}s")
     echo_build(report.as_dict())
+
+
+@click.command("verify")
+@index_option
+@click.option("--repair", is_flag=True, help="Rebuild vector files from the catalog and remove leftovers.")
+@click.option("--files/--no-files", "check_files", default=True, show_default=True,
+              help="Also check that indexed image files are still on disk.")
+@json_option
+@domain_errors
+def verify_cmd(index_dir, repair, check_files, as_json):
+    """Check that catalog and vector files agree (and repair them from stored vectors); exit 1 if not.
+
+    \b
+    crossmodal verify
+    crossmodal verify --repair
+    """
+    from indexer.verify import verify
+
+    report = verify(index_dir, repair, check_files)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        state = "current" if report.schema_version == report.schema_expected else f"expected {report.schema_expected}"
+        click.echo(f"index:   {report.index} (schema v{report.schema_version}, {state})")
+        for modality, check in report.vectors.items():
+            held = "-" if check.file is None else f"{check.file:,}"
+            verdict = "ok" if check.ok else (check.problem or f"{check.missing:,} missing, {check.extra:,} extra, "
+                                                               f"{check.duplicates:,} duplicated")
+            click.echo(f"{modality + ':':8s} catalog {check.catalog:,}, file {held}: {verdict}")
+        for name in report.temp_files:
+            click.echo(f"leftover: {name}")
+        for action in report.repaired:
+            click.echo(f"repaired: {action}")
+        if report.missing_files:
+            click.echo(f"{len(report.missing_files):,} indexed images are no longer on disk, e.g. "
+                       f"{report.missing_files[0]}; run `crossmodal index` on their folder to drop them")
+        click.echo("ok" if report.ok else "problems found" + ("" if repair else "; run with --repair"))
+    if not report.ok:
+        raise SystemExit(1)
