@@ -39,8 +39,9 @@ def unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def synthetic(n: int, dim: int, queries: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Corpus vectors from 48 latent dimensions around 2,000 topics; queries shifted off them."""
+def synthetic(n: int, dim: int, queries: int, seed: int = 0, spread: float = 0.8,
+              query_spread: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Corpus vectors from 48 latent dimensions around 2,000 overlapping topics; queries shifted off them."""
     rng = np.random.default_rng(seed)
     latent, topics = 48, 2_000
     basis = np.linalg.qr(rng.standard_normal((dim, latent + 2)))[0]  # orthonormal columns
@@ -49,10 +50,11 @@ def synthetic(n: int, dim: int, queries: int, seed: int = 0) -> tuple[np.ndarray
     base = np.empty((n, dim), dtype=np.float32)
     for start in range(0, n, 100_000):  # in chunks: the latent draw for 1M rows is small, the lift is not
         rows = min(100_000, n - start)
-        z = centres[rng.integers(0, topics, rows)] + 0.6 * rng.standard_normal((rows, latent), dtype=np.float32)
+        z = centres[rng.integers(0, topics, rows)] + spread * rng.standard_normal((rows, latent), dtype=np.float32)
         x = z @ lift + 0.05 * rng.standard_normal((rows, dim), dtype=np.float32) + 3.0 * image_gap
         base[start:start + rows] = unit(x)
-    zq = centres[rng.integers(0, topics, queries)] + 0.8 * rng.standard_normal((queries, latent), dtype=np.float32)
+    zq = centres[rng.integers(0, topics, queries)] + query_spread * rng.standard_normal((queries, latent),
+                                                                                         dtype=np.float32)
     q = zq @ lift + 0.12 * rng.standard_normal((queries, dim), dtype=np.float32) + 3.0 * text_gap
     return base, unit(q)
 
@@ -121,10 +123,13 @@ def main() -> None:
     parser.add_argument("--pq-bytes", type=int, default=64)
     parser.add_argument("--opq", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--bits", type=int, default=256)
+    parser.add_argument("--spread", type=float, default=0.8, help="Topic noise (overlap) of corpus vectors.")
+    parser.add_argument("--query-spread", type=float, default=1.0, help="Topic noise of queries.")
     args = parser.parse_args()
 
     started = time.perf_counter()
-    base, queries = real(args.index, 2_000) if args.index else synthetic(args.n, args.dim, 2_000)
+    base, queries = real(args.index, 2_000) if args.index else synthetic(args.n, args.dim, 2_000, spread=args.spread,
+                                                                          query_spread=args.query_spread)
     half = len(queries) // 2
     tune_q, measure_q = queries[:half], queries[half:]
     ids = np.arange(len(base), dtype=np.int64)

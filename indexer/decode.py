@@ -54,15 +54,27 @@ class DecodedBatch:
     pixels: torch.Tensor | None = None
 
 
-def open_image(source: Path | io.BytesIO, draft_size: int | None = None) -> Image.Image:
+DEFAULT_MAX_MEGAPIXELS = 100.0  # 300 MB as RGB: a few decoders at once stay far from exhausting memory
+
+
+class TooLarge(ValueError):
+    """An image over the pixel bound (a decompression bomb, or a scan too big to decode safely)."""
+
+
+def open_image(source: Path | io.BytesIO, draft_size: int | None = None,
+               max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS) -> Image.Image:
     """Open an image as RGB, first frame only, EXIF orientation applied.
 
     With ``draft_size``, JPEGs are decoded at the smallest DCT scale whose shorter side is still at
     least ``draft_size`` pixels. Returns the image; its ``info["source_size"]`` holds the original
-    (width, height) after orientation.
+    (width, height) after orientation. Images over ``max_megapixels`` are refused from their header,
+    before any pixel is decoded (None: no bound but PIL's own bomb check).
     """
     image = Image.open(source)
     width, height = image.size
+    if max_megapixels is not None and width * height > max_megapixels * 1e6:
+        raise TooLarge(f"{width}x{height} is {width * height / 1e6:.3g} megapixels, over --max-megapixels "
+                       f"{max_megapixels:g}; raise the bound to index it")
     if draft_size:
         # Only the JPEG (and MPO) decoder acts on draft(); it scales by 1/2..1/8 and never below the box.
         image.draft("RGB", (draft_size, draft_size))
@@ -76,7 +88,8 @@ def open_image(source: Path | io.BytesIO, draft_size: int | None = None) -> Imag
     return image
 
 
-def decode_file(task: DecodeTask, preprocess: Callable, draft_size: int | None) -> Decoded:
+def decode_file(task: DecodeTask, preprocess: Callable, draft_size: int | None,
+                max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS) -> Decoded:
     """Read, hash and preprocess one file. Never raises: failures come back in ``error``."""
     try:
         data = task.path.read_bytes()
@@ -84,9 +97,11 @@ def decode_file(task: DecodeTask, preprocess: Callable, draft_size: int | None) 
         return Decoded(task.key, error=f"cannot read file: {exc.strerror or exc}")
     digest = hashlib.sha256(data).hexdigest()
     try:
-        image = open_image(io.BytesIO(data), draft_size)
+        image = open_image(io.BytesIO(data), draft_size, max_megapixels)
         width, height = image.info["source_size"]
         pixels = preprocess(image)
+    except TooLarge as exc:
+        return Decoded(task.key, sha256=digest, error=f"image too large: {exc}")
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, bombs...)
         return Decoded(task.key, sha256=digest, error=f"cannot decode image: {type(exc).__name__}: {exc}")
     return Decoded(task.key, sha256=digest, width=width, height=height, pixels=pixels)
@@ -117,10 +132,12 @@ class _FileDataset(Dataset):
     worker's own (normal priority) thread takes over once the main process reports starvation.
     """
 
-    def __init__(self, tasks: Sequence[DecodeTask], preprocess: Callable, draft_size: int | None, starved):
+    def __init__(self, tasks: Sequence[DecodeTask], preprocess: Callable, draft_size: int | None, starved,
+                 max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS):
         self.tasks = tasks
         self.preprocess = preprocess
         self.draft_size = draft_size
+        self.max_megapixels = max_megapixels
         self.starved = starved
         self._idle: ThreadPoolExecutor | None = None
 
@@ -128,7 +145,7 @@ class _FileDataset(Dataset):
         return len(self.tasks)
 
     def __getitem__(self, index: int) -> Decoded:
-        args = (self.tasks[index], self.preprocess, self.draft_size)
+        args = (self.tasks[index], self.preprocess, self.draft_size, self.max_megapixels)
         if self.starved is None or self.starved.value:
             return decode_file(*args)
         if self._idle is None:
@@ -162,6 +179,7 @@ def iter_decoded(
     workers: int = 2,
     use_draft: bool = True,
     idle_priority: bool = True,
+    max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
 ) -> Iterator[DecodedBatch]:
     """Decode ``tasks`` in ``workers`` processes (0 = in this process), yielding batches in order.
 
@@ -171,7 +189,7 @@ def iter_decoded(
     draft_size = image_size * DRAFT_FACTOR if use_draft else None
     starved = multiprocessing.Value("b", 0, lock=False) if workers > 0 and idle_priority else None
     loader = DataLoader(
-        _FileDataset(tasks, preprocess, draft_size, starved),
+        _FileDataset(tasks, preprocess, draft_size, starved, max_megapixels),
         batch_size=None,
         num_workers=workers,
         prefetch_factor=2 * batch_size if workers > 0 else None,

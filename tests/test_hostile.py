@@ -1,0 +1,91 @@
+"""A generated folder of hostile and unusual files: each valid image is indexed, everything else is
+recorded as skipped with its reason, and the run goes on (fake encoder, real pipeline and catalog)."""
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from indexer.catalog import Catalog
+
+
+def png_bytes(image, **kw):
+    out = io.BytesIO()
+    image.save(out, format="PNG", **kw)
+    return out.getvalue()
+
+
+def colourful(size=(64, 48), seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    root = tmp_path / "hostile"
+    root.mkdir()
+    good_jpeg = io.BytesIO()
+    colourful(seed=1).save(good_jpeg, format="JPEG")
+    valid = {
+        "cmyk.jpg": lambda p: colourful(seed=2).convert("CMYK").save(p, format="JPEG"),
+        "gray.jpg": lambda p: colourful(seed=3).convert("L").save(p, format="JPEG"),
+        "sixteen-bit.png": lambda p: Image.fromarray(
+            np.random.default_rng(4).integers(0, 65535, (30, 40), dtype=np.uint16)).save(p),
+        "palette-transparent.png": lambda p: colourful(seed=5).convert("P").save(p, transparency=0),
+        "rgba.png": lambda p: colourful(seed=6).convert("RGBA").save(p),
+        "animated.gif": lambda p: colourful(seed=7).save(p, save_all=True, append_images=[colourful(seed=8)]),
+        "animated.webp": lambda p: colourful(seed=9).save(p, save_all=True, append_images=[colourful(seed=10)]),
+        "pages.tiff": lambda p: colourful(seed=11).save(p, save_all=True, append_images=[colourful(seed=12)]),
+        "one-pixel.png": lambda p: Image.new("RGB", (1, 1), (200, 10, 10)).save(p),
+        "png-named.jpg": lambda p: p.write_bytes(png_bytes(colourful(seed=13))),
+        "with space and 'quotes\".jpg": lambda p: p.write_bytes(good_jpeg.getvalue()[:-2] + b"\xff\xd9"),
+        "newline\nin name.png": lambda p: colourful(seed=14).save(p, format="PNG"),
+        ("x" * 200) + ".png": lambda p: colourful(seed=15).save(p),
+        "deep/a/b/c/d/e/f/g/h/nested.png": lambda p: colourful(seed=16).save(p),
+    }
+    invalid = {
+        "truncated.jpg": lambda p: p.write_bytes(good_jpeg.getvalue()[: len(good_jpeg.getvalue()) // 3]),
+        "zero-bytes.png": lambda p: p.write_bytes(b""),
+        "random-bytes.jpg": lambda p: p.write_bytes(os.urandom(2048)),
+        "text-file.png": lambda p: p.write_text("this is not an image\n"),
+        "too-large.png": lambda p: colourful((400, 400), seed=17).save(p),  # over the test's 0.1 MP bound
+    }
+    for name, make in {**valid, **invalid}.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make(path)
+    not_utf8 = os.path.join(os.fsencode(root), b"caf\xe9.png")
+    with open(not_utf8, "wb") as handle:
+        handle.write(png_bytes(colourful(seed=18)))
+    os.symlink(root / "deep", root / "deep" / "a" / "loop")  # a folder that contains itself
+    os.symlink(root / "rgba.png", root / "link-to-rgba.png")  # followed: the same content, encoded once
+    return root, valid, invalid
+
+
+def test_every_valid_image_is_indexed_and_every_bad_file_skipped_with_its_reason(invoke, hostile, tmp_path):
+    root, valid, invalid = hostile
+    result = invoke("index", root, "--workers", "0", "--no-progress", "--max-megapixels", "0.1", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["added"] == len(valid) + 1  # and the symlink to one of them
+    assert summary["skipped"] == len(invalid)
+    assert summary["encoded_images"] == len(valid) and summary["duplicates"] == 1  # the link's content: once
+    # A name that is not UTF-8 is reported, and so is the folder loop; neither stops the run.
+    assert any("not valid UTF-8" in p for p in summary["problems"])
+    assert any("symlink loop" in p for p in summary["problems"])
+
+    catalog = Catalog(tmp_path / "idx" / "catalog.sqlite")
+    reasons = {os.path.basename(v.path): v.error for v in catalog.skipped()}
+    catalog.close()
+    assert set(reasons) == set(invalid)
+    assert "image too large" in reasons["too-large.png"] and "--max-megapixels" in reasons["too-large.png"]
+    assert all(reason.startswith(("cannot decode image", "image too large")) for reason in reasons.values())
+
+    listed = invoke("info", "--skipped").output
+    assert all(f"{name}: " in listed for name in invalid)
+
+    again = json.loads(invoke("index", root, "--workers", "0", "--no-progress", "--max-megapixels", "0.1",
+                              "--json").output)
+    assert again["added"] == 0 and again["encoded_images"] == 0 and again["skipped"] == len(invalid)
