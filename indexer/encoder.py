@@ -193,6 +193,13 @@ class Encoder:
     def encode_pil(self, images: Sequence[Image.Image]) -> np.ndarray:
         return self.encode_images(torch.stack([self.preprocess(im) for im in images]))
 
+    def text_overflow(self, text: str) -> int:
+        """How many tokens of ``text`` the model will not see (the tokenizer cuts at its context length)."""
+        length, encode = getattr(self.tokenizer, "context_length", None), getattr(self.tokenizer, "encode", None)
+        if not length or encode is None:
+            return 0
+        return max(0, len(encode(text)) + 2 - length)  # + start and end tokens
+
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """Encode raw strings (no prompt template) into (N, dim) unit vectors."""

@@ -131,6 +131,8 @@ def search_cmd(query, image, target, k, nprobe, ef_search, rerank, index_dir, mo
             hits = searcher.search_image(image, to=target or "text", k=k)
         else:
             hits = searcher.search_text(query, to=target or "image", k=k)
+        for note in searcher.notes:
+            click.echo(f"note: {note}", err=True)
     if as_json:
         click.echo(json.dumps([h.as_dict() for h in hits], indent=2, ensure_ascii=False))
     else:

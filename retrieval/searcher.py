@@ -47,6 +47,7 @@ class Searcher:
                  device: str = "auto", encoder: Encoder | None = None, settings: dict | None = None):
         self.store = store
         self.settings = _check_settings(store.spec, settings or {})  # search-time nprobe/ef_search/rerank
+        self.notes: list[str] = []  # things the user should know about the last queries (a cut query)
         self._model, self._pretrained, self._device = model, pretrained, device
         self._encoder = encoder
         if encoder is not None:
@@ -93,6 +94,9 @@ class Searcher:
         if not isinstance(query, str) or not query.strip():
             raise QueryError("empty text query: give some words to search for")
         _check_k(k)
+        cut = getattr(self.encoder, "text_overflow", lambda _: 0)(query.strip())
+        if cut:
+            self.notes.append(f"the query is {cut} tokens longer than the model reads; only its start was used")
         return self.search_vectors(self.encoder.encode_texts([query.strip()]), to=to, k=k)[0]
 
     def search_image(self, image: str | Path | Image.Image, *, to: str = "text", k: int = 10) -> list[Hit]:

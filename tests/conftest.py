@@ -47,6 +47,9 @@ class FakeEncoder:
     def encode_pil(self, images) -> np.ndarray:
         return self.encode_images(torch.stack([self.preprocess(im) for im in images]))
 
+    def text_overflow(self, text: str) -> int:
+        return max(0, len(text.split()) - 20)  # a 20-word "context"
+
     def encode_texts(self, texts) -> np.ndarray:
         self.texts_encoded += len(texts)
         rows = [np.random.default_rng(int(hashlib.sha256(t.encode()).hexdigest()[:12], 16))

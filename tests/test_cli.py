@@ -93,3 +93,10 @@ def test_python_dash_m_and_errors_without_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"Error: no index at {tmp_path / 'none'}: build one with `crossmodal index FOLDER --index "
         f"{tmp_path / 'none'}` (or set CROSSMODAL_INDEX)"]
+
+
+def test_an_overlong_query_is_cut_with_a_note(invoke, photo_dir):
+    invoke("index", photo_dir, "--workers", "0", "--no-progress")
+    long = invoke("search", " ".join(["word"] * 25))
+    assert long.exit_code == 0 and "note: the query is 5 tokens longer than the model reads" in long.output
+    assert "note:" not in invoke("search", "a short query").output

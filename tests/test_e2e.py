@@ -207,3 +207,9 @@ def test_eval_command_matches_recall_from_open_clip_own_encoders(tmp_path, refer
         assert result["text_to_image"]["exact"][f"R@{k}"] == pytest.approx(t2i, abs=1 / len(captions) + 1e-9)
         assert result["image_to_text"]["exact"][f"R@{k}"] == pytest.approx(i2t, abs=1 / len(paths) + 1e-9)
         assert result["text_to_image"]["index"][f"R@{k}"] == result["text_to_image"]["exact"][f"R@{k}"]
+
+
+def test_the_real_tokenizer_says_how_much_of_a_query_it_cuts(encoder):
+    assert encoder.text_overflow("a dog on a beach") == 0
+    overflow = encoder.text_overflow(" ".join(["dog"] * 100))  # one token a word, plus start and end
+    assert overflow == 100 + 2 - encoder.tokenizer.context_length > 0
