@@ -35,3 +35,7 @@ class QueryError(CrossmodalError):
 
 class SchemaError(CrossmodalError):
     pass
+
+
+class Interrupted(CrossmodalError):
+    """The user asked a run to stop (Ctrl-C); what was committed is kept."""

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -25,7 +28,7 @@ from .build import check_trainable, finish
 from .catalog import CAPTION, TEXT, ImageWrite, TextWrite
 from .decode import DEFAULT_MAX_MEGAPIXELS, DecodedBatch, DecodeTask, iter_decoded
 from .encoder import Encoder, sha256_file
-from .errors import SourceError
+from .errors import Interrupted, SourceError
 from .plan import EncodeJob, ImagePlan, plan_images, plan_texts
 from .sources import (
     Problem,
@@ -118,6 +121,13 @@ class _Run:
         self.vectors: dict[str, VectorStore] = {}
         self.dirty: set[str] = set()
         self.last_flush = time.monotonic()
+        self.stop_requested = False  # set by the first Ctrl-C: stop once the batch in hand is committed
+
+    def check_stop(self) -> None:
+        if self.stop_requested:
+            s = self.summary
+            raise Interrupted(f"stopped: {s.added + s.updated} images and {s.texts_added} texts of this run are "
+                              "committed and kept; run the same command again to go on from there")
 
     def load(self) -> None:
         for modality in ("image", "text"):
@@ -145,6 +155,22 @@ class _Run:
             self.last_flush = time.monotonic()
 
 
+def _stop_after_batch(run: _Run) -> Callable[[], None]:
+    """Make the first Ctrl-C ask the run to stop once the batch in hand is committed (a second one stops
+    at once); returns what puts the previous handler back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def on_interrupt(_signum, _frame):
+        if run.stop_requested:
+            raise KeyboardInterrupt
+        run.stop_requested = True
+        print("\nstopping after this batch (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    return lambda: signal.signal(signal.SIGINT, previous)
+
+
 def update_index(root: Path, index_dir: Path, encoder: Encoder, options: IndexOptions | None = None) -> IndexSummary:
     """Index ``root`` into ``index_dir`` (created if needed), encoding only what is new or changed."""
     options = options or IndexOptions()
@@ -164,6 +190,7 @@ def update_index(root: Path, index_dir: Path, encoder: Encoder, options: IndexOp
 
     with IndexStore.open_for_writing(Path(index_dir), encoder.identity, options.spec) as store:
         run = _Run(store, encoder, options, summary, problems)
+        restore_interrupts = _stop_after_batch(run)
         root_id = store.catalog.root_id(root)
         try:
             with run.timer.stage("load"):
@@ -195,6 +222,7 @@ def update_index(root: Path, index_dir: Path, encoder: Encoder, options: IndexOp
                 summary.build = report.as_dict()
                 run.dirty.update(run.vectors)
         finally:
+            restore_interrupts()
             run.flush(force=True)
 
     summary.problems = [str(p) for p in problems]
@@ -261,6 +289,7 @@ def _encode_images(run: _Run, root_id: int, jobs: list[EncodeJob]) -> None:
                     run.put("image", [i for i, _ in with_vectors], np.stack([v for _, v in with_vectors]))
             run.flush()
             bar.update(len(batch.ok) + len(batch.failed))
+            run.check_stop()
     finally:
         bar.close()
 
@@ -315,6 +344,7 @@ def _sync_texts(run: _Run, root_id: int, root: Path, records: list[TextRecord]) 
         ids = catalog.write_texts(root_id, writes)
         run.put("text", ids, np.stack(vectors))
         summary.texts_added += len(ids)
+        run.check_stop()
         run.flush()
 
 

@@ -117,3 +117,23 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(tmp_
             np.testing.assert_allclose(got[modality][key], vector, atol=1e-5)
     assert subprocess.run([sys.executable, "-m", "retrieval", "verify", "--index", str(index)],
                           capture_output=True, env=env).returncode == 0
+
+
+def test_ctrl_c_stops_after_the_batch_in_hand_and_says_how_to_resume(tmp_path):
+    photos, index = tmp_path / "photos", tmp_path / "idx"
+    for i in range(N_IMAGES):
+        make_image(photos / f"p{i:03d}.png", seed=i)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command(photos, index), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env)
+    while process.poll() is None and committed_images(index) < 20:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1, stderr
+    assert "stopping after this batch" in stderr and "run the same command again" in stderr
+    assert "Traceback" not in stderr
+    committed = check_consistent(index)
+    assert 20 <= committed < N_IMAGES
+    final = subprocess.run(command(photos, index), capture_output=True, text=True, env=env)
+    assert json.loads(final.stdout)["encoded_images"] == N_IMAGES - committed
