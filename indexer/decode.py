@@ -55,6 +55,7 @@ class DecodedBatch:
 
 
 DEFAULT_MAX_MEGAPIXELS = 100.0  # 300 MB as RGB: a few decoders at once stay far from exhausting memory
+DEFAULT_DECODE_TIMEOUT = 60.0  # seconds one file may take; a 100 MP PNG decodes in about two
 
 
 class TooLarge(ValueError):
@@ -180,27 +181,28 @@ def iter_decoded(
     use_draft: bool = True,
     idle_priority: bool = True,
     max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
+    timeout: float = DEFAULT_DECODE_TIMEOUT,
 ) -> Iterator[DecodedBatch]:
     """Decode ``tasks`` in ``workers`` processes (0 = in this process), yielding batches in order.
 
     Workers hand back single images, not whole batches, so the first batch is ready after
     ``batch_size / workers`` decodes instead of ``batch_size``, and no worker sits on a half-done batch.
+    A file that kills its decoder process or keeps it busy over ``timeout`` seconds comes back as
+    failed, and decoding goes on after it.
     """
     draft_size = image_size * DRAFT_FACTOR if use_draft else None
     starved = multiprocessing.Value("b", 0, lock=False) if workers > 0 and idle_priority else None
-    loader = DataLoader(
-        _FileDataset(tasks, preprocess, draft_size, starved, max_megapixels),
-        batch_size=None,
-        num_workers=workers,
-        prefetch_factor=2 * batch_size if workers > 0 else None,
-        worker_init_fn=_ignore_interrupts if workers > 0 else None,
-    )
+
+    def dataset(part: Sequence[DecodeTask]) -> _FileDataset:
+        return _FileDataset(part, preprocess, draft_size, starved, max_megapixels)
+
+    items = _survive_decoders(tasks, dataset, workers, 2 * batch_size, timeout)
     pending: list[Decoded] = []
     # The first batch is smaller so the model starts after a few decodes instead of a whole batch;
     # on a CPU that is most of the time the model would otherwise sit waiting.
     wanted = min(batch_size, max(1, 2 * workers, batch_size // 4)) if workers > 0 else batch_size
     waited_since = time.monotonic()
-    for item in loader:
+    for item in items:
         if starved is not None and time.monotonic() - waited_since > STARVED_AFTER_S:
             starved.value = 1
         pending.append(item)
@@ -210,3 +212,59 @@ def iter_decoded(
         waited_since = time.monotonic()
     if pending:
         yield _collate(pending)
+
+
+def _survive_decoders(tasks: Sequence[DecodeTask], dataset: Callable[[Sequence[DecodeTask]], _FileDataset],
+                      workers: int, prefetch: int, timeout: float) -> Iterator[Decoded]:
+    """Decoded items in order from worker processes; when a worker dies or stalls, the first file not
+    yet delivered is decoded alone in a process of its own (its failure becomes its error) and the
+    workers start again after it. Each restart moves past one file, so a run always ends."""
+    start = 0
+    while start < len(tasks):
+        loader = DataLoader(dataset(tasks[start:]), batch_size=None, num_workers=workers,
+                            prefetch_factor=prefetch if workers > 0 else None,
+                            worker_init_fn=_ignore_interrupts if workers > 0 else None,
+                            timeout=timeout if workers > 0 else 0)
+        try:
+            for item in loader:
+                start += 1
+                yield item
+            return
+        except RuntimeError as exc:
+            if workers == 0 or "DataLoader" not in str(exc):  # a worker died or timed out; else a bug
+                raise
+        del loader
+        yield _decode_alone(dataset(tasks[start:start + 1]), timeout)
+        start += 1
+
+
+def _send_decoded(single: _FileDataset, send) -> None:
+    item = single[0]
+    if item.pixels is not None:
+        item.pixels = item.pixels.numpy()  # by value: nothing shared with a process about to be killed
+    send.send(item)
+
+
+def _decode_alone(single: _FileDataset, timeout: float) -> Decoded:
+    task = single.tasks[0]
+    context = multiprocessing.get_context("fork")  # the decoder's state as the workers had it, no pickling
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=_send_decoded, args=(single, send), daemon=True)
+    process.start()
+    send.close()
+    ready = receive.poll(timeout)
+    try:
+        if ready:
+            item = receive.recv()
+            if item.pixels is not None:
+                item.pixels = torch.from_numpy(item.pixels)
+            return item
+    except EOFError:  # it died before sending
+        pass
+    finally:
+        process.kill()
+        process.join()
+        receive.close()
+    if not ready:
+        return Decoded(task.key, error=f"decoding took over {timeout:g}s (--decode-timeout); skipped")
+    return Decoded(task.key, error=f"the decoder crashed on this file (exit code {process.exitcode}); skipped")

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .build import check_trainable, finish
 from .catalog import CAPTION, TEXT, ImageWrite, TextWrite
-from .decode import DEFAULT_MAX_MEGAPIXELS, DecodedBatch, DecodeTask, iter_decoded
+from .decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_MEGAPIXELS, DecodedBatch, DecodeTask, iter_decoded
 from .encoder import Encoder, sha256_file
 from .errors import Interrupted, SourceError
 from .plan import EncodeJob, ImagePlan, plan_images, plan_texts
@@ -63,6 +63,7 @@ class IndexOptions:
     progress: bool = True
     use_draft: bool = True
     max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS  # larger images are skipped, not decoded
+    decode_timeout: float = DEFAULT_DECODE_TIMEOUT  # seconds a decoder process may spend on one file
     sidecars: bool = True  # read NAME.txt captions beside images
     only: frozenset[str] | None = None  # index just these root-relative paths (one split of a benchmark)
 
@@ -254,7 +255,8 @@ def _encode_images(run: _Run, root_id: int, jobs: list[EncodeJob]) -> None:
     workers = options.workers if options.workers is not None else default_workers()
     tasks = [DecodeTask(i, job.file.path) for i, job in enumerate(jobs)]
     batches = iter_decoded(tasks, encoder.preprocess, encoder.image_size, batch_size=options.batch_size,
-                           workers=workers, use_draft=options.use_draft, max_megapixels=options.max_megapixels)
+                           workers=workers, use_draft=options.use_draft, max_megapixels=options.max_megapixels,
+                           timeout=options.decode_timeout)
     bar = tqdm(total=len(jobs), unit="img", desc="indexing", disable=not options.progress, smoothing=0.1)
     try:
         while True:

@@ -53,13 +53,15 @@ def cli() -> None:
 @index_type_options()
 @click.option("--max-megapixels", type=click.FloatRange(0, min_open=True), default=100.0, show_default=True,
               help="Skip images with more pixels than this (decompression bombs, huge scans), read from the header.")
+@click.option("--decode-timeout", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True,
+              help="Seconds a decoder may spend on one file; a file that hangs or crashes it is skipped.")
 @click.option("--flush-seconds", type=click.FloatRange(0), default=30.0, show_default=True,
               help="How often vector files are written during a run (the catalog commits every batch).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @json_option
 @domain_errors
 def index_cmd(root, embeddings, images_root, index_dir, model, pretrained, device, captions, texts, include_hidden,
-              exclude, batch_size, workers, spec, max_megapixels, flush_seconds, progress, as_json):
+              exclude, batch_size, workers, spec, max_megapixels, decode_timeout, flush_seconds, progress, as_json):
     """Index the images (and captions) under ROOT; re-run to update incrementally.
 
     \b
@@ -78,8 +80,8 @@ def index_cmd(root, embeddings, images_root, index_dir, model, pretrained, devic
     else:
         options = IndexOptions(captions=tuple(captions), texts=tuple(texts), include_hidden=include_hidden,
                                exclude=tuple(exclude), batch_size=batch_size, workers=workers,
-                               spec=spec, max_megapixels=max_megapixels, flush_seconds=flush_seconds,
-                               progress=progress)
+                               spec=spec, max_megapixels=max_megapixels, decode_timeout=decode_timeout,
+                               flush_seconds=flush_seconds, progress=progress)
         summary = update_index(root, index_dir, encoder, options)
     if as_json:
         click.echo(json.dumps(summary.as_dict(), indent=2))

@@ -3,11 +3,14 @@
 import io
 import multiprocessing
 import os
+import signal
+import time
 
 import numpy as np
 import open_clip
 import pytest
 import torch
+from conftest import make_image
 from PIL import Image
 
 from indexer import decode
@@ -101,7 +104,7 @@ def test_workers_yield_every_image_in_order_with_a_small_first_batch(tmp_path):
         assert torch.equal(row, decode_file(task, preprocess, 32).pixels)
 
 
-def _policy_probe(task, _preprocess, _draft_size):
+def _policy_probe(task, _preprocess, _draft_size, _max_megapixels):
     # Stands in for decode_file inside the forked workers: reports the scheduling policy it ran under.
     return Decoded(task.key, error=str(os.sched_getscheduler(0)))
 
@@ -127,3 +130,25 @@ def test_batches_always_fill_up(tmp_path, workers, batch_size, sizes):
     tasks = [DecodeTask(i, p) for i, p in enumerate(_write_jpegs(tmp_path, sum(sizes)))]
     batches = iter_decoded(tasks, preprocess, 32, batch_size=batch_size, workers=workers)
     assert [len(b.ok) for b in batches] == sizes
+
+
+class Treacherous:
+    """A preprocess step that kills its process on 13-pixel-wide images and hangs on 17-pixel-wide ones."""
+
+    def __call__(self, image):
+        if image.width == 13:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if image.width == 17:
+            time.sleep(3600)
+        return torch.zeros(3, 4, 4)
+
+
+def test_a_file_that_crashes_or_hangs_its_decoder_is_skipped_and_the_rest_decoded(tmp_path):
+    widths = [20] * 5 + [13] + [20] * 5 + [17] + [20] * 5
+    tasks = [DecodeTask(i, make_image(tmp_path / f"{i}.png", seed=i, size=(w, 10))) for i, w in enumerate(widths)]
+    batches = list(iter_decoded(tasks, Treacherous(), 8, batch_size=4, workers=2, use_draft=False, timeout=2))
+    decoded = [item.key for batch in batches for item in batch.ok]
+    failed = {item.key: item.error for batch in batches for item in batch.failed}
+    assert decoded == [i for i, w in enumerate(widths) if w == 20]  # all the others, in order
+    assert set(failed) == {5, 11}
+    assert "decoder crashed" in failed[5] and "took over 2s" in failed[11]
