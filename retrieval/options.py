@@ -6,6 +6,7 @@ import functools
 from pathlib import Path
 
 import click
+import sqlalchemy.exc
 
 from indexer import DEFAULT_INDEX_DIR
 from indexer.errors import CrossmodalError
@@ -20,6 +21,10 @@ def domain_errors(func):
             return func(*args, **kwargs)
         except CrossmodalError as exc:
             raise click.ClickException(str(exc)) from None
+        except sqlalchemy.exc.OperationalError as exc:  # disk full, read-only folder, a lost file system
+            raise click.ClickException(
+                f"the index catalog could not be read or written: {exc.orig}; what was committed before is "
+                "kept. Free space or make the index folder writable, then run the same command again") from None
         except KeyboardInterrupt:
             raise click.ClickException("interrupted; what was committed is kept, run the same command to resume") \
                 from None

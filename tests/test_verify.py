@@ -72,3 +72,35 @@ def test_images_gone_from_disk_are_reported_not_removed(invoke, indexed, photo_d
 def test_verify_without_an_index_is_a_clear_error(invoke):
     result = invoke("verify")
     assert result.exit_code == 1 and "no index at" in result.output
+
+
+def test_a_full_disk_while_writing_leaves_the_previous_index_intact(invoke, indexed, photo_dir, monkeypatch):
+    import faiss
+    import sqlalchemy.exc
+
+    from indexer.catalog import Catalog
+
+    before = (indexed / "image.faiss").read_bytes()
+    (photo_dir / "new.png").write_bytes((photo_dir / "img1.png").read_bytes()[:-1] + b"\x00")
+
+    def full_disk(*_args, **_kwargs):
+        raise RuntimeError("Error in faiss::FileIOWriter: No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(faiss, "write_index", full_disk)
+        result = invoke("index", photo_dir, "--workers", "0", "--no-progress")
+    assert result.exit_code == 1 and "No space left on device" in result.output
+    assert "previous file is unchanged" in result.output and "Traceback" not in result.output
+    assert (indexed / "image.faiss").read_bytes() == before
+
+    def catalog_full(*_args, **_kwargs):
+        raise sqlalchemy.exc.OperationalError("INSERT", {}, Exception("database or disk is full"))
+
+    (photo_dir / "newer.png").write_bytes((photo_dir / "img2.png").read_bytes()[:-1] + b"\x01")
+    with monkeypatch.context() as patch:
+        patch.setattr(Catalog, "write_images", catalog_full)
+        result = invoke("index", photo_dir, "--workers", "0", "--no-progress")
+    assert result.exit_code == 1 and "database or disk is full" in result.output and "Traceback" not in result.output
+    assert verify(invoke)[0] in (0, 1)  # opens; a lagging vector file is what --repair or the next run mends
+    assert invoke("search", "anything", "--json").exit_code == 0
+    assert invoke("verify", "--repair").exit_code == 0
