@@ -11,6 +11,7 @@ import csv
 import fnmatch
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,19 @@ class Problem:
 
 def _is_hidden(name: str) -> bool:
     return name.startswith(".")
+
+
+def catalog_name(name: str) -> str:
+    """A file name as UTF-8 text: bytes that are not UTF-8 written as \\xNN (the catalog holds text)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def filesystem_path(text: str) -> Path:
+    """The path :func:`catalog_name` wrote as ``text``, with its \\xNN bytes back."""
+    if "\\x" not in text:
+        return Path(text)
+    raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m.group(1), 16)]), text.encode("utf-8"))
+    return Path(os.fsdecode(raw))
 
 
 def _utf8_safe(name: str) -> bool:
@@ -102,13 +116,12 @@ def walk_images(
             return
         for entry in entries:
             name = entry.name
-            rel = f"{prefix}{name}"
-            if not _utf8_safe(rel):
-                # The catalog stores UTF-8 text; such names are reported rather than crashing the run.
+            if not _utf8_safe(name):
+                name = catalog_name(name)
                 if problems is not None:
-                    problems.append(Problem(os.fsencode(entry.path).decode("utf-8", "backslashreplace"),
-                                            "name is not valid UTF-8; skipped (rename it to index it)"))
-                continue
+                    problems.append(Problem(catalog_name(entry.path),
+                                            f"name is not valid UTF-8; indexed as '{name}' (its bytes as \\xNN)"))
+            rel = f"{prefix}{name}"
             if (not include_hidden and _is_hidden(name)) or _excluded(rel, name, patterns):
                 continue
             try:

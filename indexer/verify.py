@@ -17,6 +17,7 @@ import numpy as np
 from .build import finish
 from .catalog import SCHEMA_VERSION
 from .errors import CrossmodalError
+from .sources import filesystem_path
 from .spec import LEARNED
 from .store import MODALITIES, IndexStore, leftover_temp_files
 from .vectors import StaleVectorFile, VectorStore
@@ -93,7 +94,8 @@ def verify(index_dir: Path, repair: bool = False, check_files: bool = True) -> V
         report.temp_files = temp_files
         if check_files:
             report.missing_files = [item.path for item in store.catalog.images()
-                                    if item.path and "://" not in item.path and not Path(item.path).exists()]
+                                    if item.path and "://" not in item.path and not Path(item.path).exists()
+                                    and not filesystem_path(item.path).exists()]
         if repair:
             _repair(store, report)
     return report

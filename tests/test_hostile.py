@@ -69,10 +69,10 @@ def test_every_valid_image_is_indexed_and_every_bad_file_skipped_with_its_reason
     result = invoke("index", root, "--workers", "0", "--no-progress", "--max-megapixels", "0.1", "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
-    assert summary["added"] == len(valid) + 1  # and the symlink to one of them
+    assert summary["added"] == len(valid) + 2  # and the symlink to one of them, and the café file
     assert summary["skipped"] == len(invalid)
-    assert summary["encoded_images"] == len(valid) and summary["duplicates"] == 1  # the link's content: once
-    # A name that is not UTF-8 is reported, and so is the folder loop; neither stops the run.
+    assert summary["encoded_images"] == len(valid) + 1 and summary["duplicates"] == 1  # the link's content: once
+    # A name that is not UTF-8 is indexed under an escaped name, with a note; the folder loop is reported.
     assert any("not valid UTF-8" in p for p in summary["problems"])
     assert any("symlink loop" in p for p in summary["problems"])
 
@@ -89,3 +89,5 @@ def test_every_valid_image_is_indexed_and_every_bad_file_skipped_with_its_reason
     again = json.loads(invoke("index", root, "--workers", "0", "--no-progress", "--max-megapixels", "0.1",
                               "--json").output)
     assert again["added"] == 0 and again["encoded_images"] == 0 and again["skipped"] == len(invalid)
+    checked = json.loads(invoke("verify", "--json").output)
+    assert checked["ok"] and checked["missing_files"] == []  # escaped names still lead to their files

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from indexer.errors import SourceError
-from indexer.sources import read_captions_file, read_texts_file, sidecar_captions, walk_images
+from indexer.sources import filesystem_path, read_captions_file, read_texts_file, sidecar_captions, walk_images
 
 
 def touch(path: Path, data: bytes = b"x") -> Path:
@@ -116,10 +116,14 @@ def test_bad_utf8_is_decoded_with_a_warning(tmp_path):
     assert "UTF-8" in problems[0].message
 
 
-def test_names_that_are_not_utf8_are_reported_not_fatal(tmp_path):
+def test_names_that_are_not_utf8_are_indexed_under_an_escaped_name(tmp_path):
     touch(tmp_path / "good.jpg")
-    with open(bytes(tmp_path) + b"/bad\xff.jpg", "wb") as fh:
+    (tmp_path / b"d\xfe".decode("utf-8", "surrogateescape")).mkdir()
+    with open(bytes(tmp_path) + b"/d\xfe/bad\xff.jpg", "wb") as fh:
         fh.write(b"x")
     problems = []
-    assert [f.rel for f in walk_images(tmp_path, problems=problems)] == ["good.jpg"]
-    assert "not valid UTF-8" in problems[0].message and "bad\\xff.jpg" in problems[0].where
+    files = list(walk_images(tmp_path, problems=problems))
+    assert [f.rel for f in files] == ["d\\xfe/bad\\xff.jpg", "good.jpg"]
+    assert files[0].path.read_bytes() == b"x"  # the real file, for decoding
+    assert filesystem_path(str(tmp_path / files[0].rel)) == files[0].path
+    assert "not valid UTF-8" in problems[0].message and "indexed as 'd\\xfe'" in problems[0].message
