@@ -91,3 +91,24 @@ def test_every_valid_image_is_indexed_and_every_bad_file_skipped_with_its_reason
     assert again["added"] == 0 and again["encoded_images"] == 0 and again["skipped"] == len(invalid)
     checked = json.loads(invoke("verify", "--json").output)
     assert checked["ok"] and checked["missing_files"] == []  # escaped names still lead to their files
+
+
+def test_a_file_that_vanishes_between_walk_and_decode_is_skipped_then_forgotten(invoke, photo_dir, monkeypatch):
+    import indexer.pipeline
+
+    walk = indexer.pipeline.walk_images
+
+    def walk_then_delete(*args, **kwargs):
+        files = list(walk(*args, **kwargs))
+        (photo_dir / "img2.png").unlink()  # gone after the walk saw it, before it is read
+        (photo_dir / "img3.png").write_bytes(b"changed into garbage")  # changed after the walk saw it
+        return iter(files)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(indexer.pipeline, "walk_images", walk_then_delete)
+        summary = json.loads(invoke("index", photo_dir, "--workers", "0", "--no-progress", "--json").output)
+    assert summary["added"] == 4 and summary["skipped"] == 2
+    assert any("img2.png: cannot read file" in p for p in summary["problems"])
+    assert any("img3.png: cannot decode image" in p for p in summary["problems"])
+    again = json.loads(invoke("index", photo_dir, "--workers", "0", "--no-progress", "--json").output)
+    assert again["removed"] == 1 and again["skipped"] == 1  # the vanished file leaves; the garbage stays skipped
