@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from indexer.spec import IndexSpec  # noqa: E402
+from indexer.spec import IndexSpec, TooFewVectors  # noqa: E402
 from indexer.tuning import SEARCH_SETTING, exact_top_k, tune  # noqa: E402
 from indexer.vectors import VectorStore  # noqa: E402
 
@@ -140,7 +140,11 @@ def main() -> None:
           f"ground truth in {time.perf_counter() - started:.0f}s", flush=True)
     rows = []
     for kind in args.kinds.split(","):
-        row = run_kind(kind, args, base, ids, tune_q, tune_truth, measure_q, measure_truth)
+        try:
+            row = run_kind(kind, args, base, ids, tune_q, tune_truth, measure_q, measure_truth)
+        except TooFewVectors as exc:
+            print(f"{kind:6s} skipped: {exc}", flush=True)
+            continue
         rows.append(row)
         print(f"{kind:6s} build {row['build_s']:7.1f}s  code {row['code_bytes']:5d} B  file "
               f"{row['file_bytes_per_vector']:7.1f} B/vec  recall@10 {row['recall@10']:.3f}  "
