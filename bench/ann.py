@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from indexer.spec import IndexSpec, TooFewVectors  # noqa: E402
+from indexer.errors import CrossmodalError  # noqa: E402
+from indexer.spec import IndexSpec  # noqa: E402
 from indexer.tuning import SEARCH_SETTING, exact_top_k, tune  # noqa: E402
 from indexer.vectors import VectorStore  # noqa: E402
 
@@ -142,7 +143,7 @@ def main() -> None:
     for kind in args.kinds.split(","):
         try:
             row = run_kind(kind, args, base, ids, tune_q, tune_truth, measure_q, measure_truth)
-        except TooFewVectors as exc:
+        except CrossmodalError as exc:  # too few vectors to train, or more ITQ bits than dimensions
             print(f"{kind:6s} skipped: {exc}", flush=True)
             continue
         rows.append(row)
