@@ -39,7 +39,8 @@ class VectorStore:
         self.codec = codec  # binary kinds: the float -> code transform
         self.exact: Callable[[np.ndarray], np.ndarray] | None = None  # full vectors by id, for re-ranking
         self.use_gpu = False  # flat and IVF search, IVF training on the GPU (see gpu_wanted)
-        self._gpu_copy = None  # the index cloned to the GPU, dropped at every change
+        self._derived = None  # built from the index for searching (a GPU copy; HNSW's id map and tombstone
+        # filter), dropped at every change
         self._pending_ids = np.zeros(0, dtype=np.int64)
         self._pending = np.zeros((0, dim), dtype=np.float32)
         self._dead = np.zeros(0, dtype=bool)  # hnsw: tombstoned positions
@@ -116,7 +117,7 @@ class VectorStore:
         """Learn the index from ``sample`` (for ``n`` vectors in all), then index what was held aside."""
         if self.spec.kind == "auto":
             raise CrossmodalError("internal: resolve an auto spec (indexer.tuning) before training")
-        if self.index is not None and self.spec.kind not in LEARNED:
+        if self.index is not None:  # trained already (or a kind that does not learn): adding needs no training
             return
         sample = _unit(sample)
         n = n or len(sample)
@@ -134,7 +135,7 @@ class VectorStore:
         ids, vectors = _ids(ids), _unit(vectors)
         if not len(ids):
             return
-        self._gpu_copy = None
+        self._derived = None
         if self.index is None:
             self._pending_ids = np.concatenate([self._pending_ids, ids])
             self._pending = np.concatenate([self._pending, vectors])
@@ -149,7 +150,7 @@ class VectorStore:
         ids = _ids(ids)
         if not len(ids):
             return 0
-        self._gpu_copy = None
+        self._derived = None
         if self.index is None:
             keep = ~np.isin(self._pending_ids, ids)
             removed = int((~keep).sum())
@@ -184,6 +185,7 @@ class VectorStore:
             last = np.zeros(len(id_map), dtype=bool)
             last[len(id_map) - 1 - np.unique(id_map[::-1], return_index=True)[1]] = True
             self._dead |= ~last
+            self._derived = None
         held, copies = np.unique(self.ids(), return_counts=True)
         doubled = held[copies > 1]
         if len(doubled):  # every copy goes; the catalog's vector comes back below
@@ -224,29 +226,34 @@ class VectorStore:
 
     def _searched(self, queries: np.ndarray, k: int, nprobe: int | None = None):
         """Flat or IVF search, on the GPU when asked for and faiss has one; on the CPU otherwise."""
-        if self.use_gpu and gpu_count() and self._gpu_copy is None:
+        if self.use_gpu and gpu_count() and self._derived is None:
             try:
-                self._gpu_copy = faiss.index_cpu_to_all_gpus(self.index)
+                self._derived = faiss.index_cpu_to_all_gpus(self.index)
             except RuntimeError:  # a structure the GPU build cannot clone: stay on the CPU
                 self.use_gpu = False
-        if self.use_gpu and self._gpu_copy is not None:
+        if self.use_gpu and self._derived is not None:
             if nprobe is not None:
-                faiss.GpuParameterSpace().set_index_parameter(self._gpu_copy, "nprobe", min(nprobe, 2048))
-            return self._gpu_copy.search(queries, k)
+                faiss.GpuParameterSpace().set_index_parameter(self._derived, "nprobe", min(nprobe, 2048))
+            return self._derived.search(queries, k)
         if nprobe is None:
             return self.index.search(queries, k)
         return self.index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
 
     def _search_hnsw(self, queries: np.ndarray, k: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
-        inner = faiss.downcast_index(self.index.index)
+        if self._derived is None:  # positions -> ids, and the tombstone filter
+            bitmap = np.packbits(self._dead, bitorder="little")
+            # Python must hold every piece: faiss keeps raw pointers to the bitmap and the inner selector.
+            alive = None
+            if self._dead.any():
+                dead = faiss.IDSelectorBitmap(len(self._dead), faiss.swig_ptr(bitmap))
+                alive = (faiss.IDSelectorNot(dead), dead, bitmap)
+            self._derived = (self._id_map(), alive)
+        id_map, alive = self._derived
         settings = faiss.SearchParametersHNSW()
         settings.efSearch = max(ef, k)
-        if self._dead.any():
-            bitmap = np.packbits(self._dead, bitorder="little")
-            selector = faiss.IDSelectorNot(faiss.IDSelectorBitmap(len(self._dead), faiss.swig_ptr(bitmap)))
-            settings.sel = selector
-        scores, positions = inner.search(queries, k, params=settings)
-        id_map = self._id_map()
+        if alive is not None:
+            settings.sel = alive[0]
+        scores, positions = faiss.downcast_index(self.index.index).search(queries, k, params=settings)
         return scores, np.where(positions >= 0, id_map[np.maximum(positions, 0)], -1)
 
     def _rerank(self, queries, scores, found, k) -> tuple[np.ndarray, np.ndarray]:

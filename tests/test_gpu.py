@@ -66,6 +66,6 @@ def test_faiss_gpu_search_and_ivf_training_agree_with_the_cpu(kind):
             store.train(base)
         stores.append(store)
     cpu, gpu = (s.search(base[:50], 10)[1] for s in stores)
-    assert stores[1]._gpu_copy is not None  # the search ran on the GPU
+    assert stores[1]._derived is not None  # the search ran on the GPU
     overlap = np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(cpu, gpu)])
     assert overlap >= (0.999 if kind == "flat" else 0.9)
