@@ -29,18 +29,24 @@ class BuildReport:
     seconds: float
     trained: dict[str, int] = field(default_factory=dict)  # modality -> vectors trained on
     tuning: dict[str, dict] = field(default_factory=dict)  # modality -> Tuning as a dict
+    exact: dict[str, int] = field(default_factory=dict)  # modality -> vectors, too few to train: searched exactly
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def check_trainable(spec: IndexSpec, counts: dict[str, int]) -> None:
-    """Refuse a kind that learns from data when a modality with vectors has too few for it."""
+def check_trainable(spec: IndexSpec, counts: dict[str, int]) -> list[str]:
+    """The modalities with too few vectors for a kind that learns; refused when that is all of them.
+
+    A side that is too small (500 captions beside 100,000 images) is searched exactly until it
+    grows, rather than failing a run whose other side trains fine.
+    """
     if spec.kind not in LEARNED or spec.kind == "auto":
-        return
-    for modality, n in counts.items():
-        if 0 < n < MIN_TRAIN[spec.kind]:
-            raise TooFewVectors.for_kind(spec.kind, n, modality)
+        return []
+    small = [m for m, n in counts.items() if 0 < n < MIN_TRAIN[spec.kind]]
+    if small and len(small) == sum(1 for n in counts.values() if n):
+        raise TooFewVectors.for_kind(spec.kind, counts[small[0]], small[0])
+    return small
 
 
 def finish(store: IndexStore, vectors: dict[str, VectorStore], retune: bool = False) -> BuildReport | None:
@@ -59,10 +65,10 @@ def finish(store: IndexStore, vectors: dict[str, VectorStore], retune: bool = Fa
         spec = choose(max(counts.values()), store.meta.embed_dim, auto["memory_budget"], auto["target_recall"])
         for modality, held in list(vectors.items()):
             vectors[modality] = _moved(held, spec)
-    check_trainable(spec, {m: n for m, n in counts.items() if not vectors[m].trained})
-    report = BuildReport(spec.describe(), 0.0)
+    small = check_trainable(spec, {m: n for m, n in counts.items() if not vectors[m].trained})
+    report = BuildReport(spec.describe(), 0.0, exact={m: counts[m] for m in small})
     for modality, held in vectors.items():
-        if not held.trained and len(held):
+        if not held.trained and len(held) and modality not in small:
             sample = held.held_aside()[1]
             held.train(sample, n=len(held))
             report.trained[modality] = len(sample)
@@ -72,7 +78,7 @@ def finish(store: IndexStore, vectors: dict[str, VectorStore], retune: bool = Fa
     for held in vectors.values():
         held.spec = spec
     if not report.trained and not report.tuning and spec == store.spec:
-        return None
+        return report if report.exact else None
     store.set_spec(spec)
     report.spec, report.seconds = spec.describe(), round(time.perf_counter() - started, 3)
     return report
@@ -100,7 +106,7 @@ def _tune(store: IndexStore, vectors: dict[str, VectorStore], spec: IndexSpec, c
     full = {m: _all_vectors(store, v) for m, v in vectors.items()}
     values = []
     for modality, held in vectors.items():
-        if counts[modality] <= TUNING_K:
+        if counts[modality] <= TUNING_K or not held.trained:  # too small to train: it is searched exactly
             continue
         other = "text" if modality == "image" else "image"
         own_ids, own = full[modality]

@@ -13,6 +13,9 @@ from .options import domain_errors, index_option, index_type_options, json_optio
 def echo_build(build: dict) -> None:
     trained = ", ".join(f"{m} on {n:,} vectors" for m, n in build["trained"].items())
     click.echo(f"  index type: {build['spec']}" + (f"; trained {trained}" if trained else ""))
+    for modality, count in build.get("exact", {}).items():
+        click.echo(f"  {modality}: {count:,} vectors are too few to train this type; searched exactly until there "
+                   "are enough")
     for modality, t in build["tuning"].items():
         state = "reaches" if t["reached"] else "stays below"
         click.echo(f"  tuned {modality}: {t['setting']}={t['value']} {state} the target, recall@10 {t['recall']:.3f} "

@@ -188,3 +188,17 @@ def test_search_settings_override_the_stored_ones_for_one_query(invoke, tmp_path
     assert [h["score"] for h in every] == pytest.approx(sorted(exact, reverse=True)[:50], rel=1e-5)
     result = invoke("search", "caption number 3", "--ef-search", "64", ok=False)
     assert result.exit_code == 1 and "the index is ivf; ef_search applies to hnsw" in result.output
+
+
+def test_a_side_too_small_to_train_is_searched_exactly_while_the_other_trains(invoke, tmp_path):
+    write_embeddings(tmp_path / "emb", 2_000, shards=1, fmt="jsonl")
+    meta = tmp_path / "emb" / "metadata" / "metadata_0.jsonl"
+    rows = [json.loads(line) for line in meta.read_text().splitlines()]
+    meta.write_text("".join(json.dumps({**r, "caption": r["caption"] if i < 300 else None}) + "\n"
+                            for i, r in enumerate(rows)))
+    result = invoke("index", "--embeddings", tmp_path / "emb", "--index-type", "ivf", "--target-recall", "0.9")
+    assert "text: 300 vectors are too few to train this type; searched exactly" in result.output
+    with IndexStore.open(tmp_path / "idx") as store:
+        image, text = store.load_vectors("image")[0], store.load_vectors("text")[0]
+        assert image.trained and not text.trained and len(text) == 300
+        assert store.spec.params["tuned"]["recall"]["image"] >= 0.9
