@@ -202,3 +202,14 @@ def test_a_side_too_small_to_train_is_searched_exactly_while_the_other_trains(in
         image, text = store.load_vectors("image")[0], store.load_vectors("text")[0]
         assert image.trained and not text.trained and len(text) == 300
         assert store.spec.params["tuned"]["recall"]["image"] >= 0.9
+
+
+def test_memory_budgets_are_read_with_units():
+    import click
+
+    from retrieval.options import parse_bytes
+
+    assert [parse_bytes(t) for t in ("1000", "512MB", "4GB", "4GiB", "1.5g", "64 kb")] == [
+        1000, 512 * 2**20, 4 * 2**30, 4 * 2**30, int(1.5 * 2**30), 64 * 2**10]
+    with pytest.raises(click.BadParameter, match="is not a size"):
+        parse_bytes("lots")
