@@ -29,8 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from indexer.errors import CrossmodalError  # noqa: E402
 from indexer.spec import IndexSpec  # noqa: E402
-from indexer.tuning import SEARCH_SETTING, exact_top_k, tune  # noqa: E402
-from indexer.vectors import VectorStore  # noqa: E402
+from indexer.tuning import SEARCH_SETTING, tune  # noqa: E402
+from indexer.vectors import VectorStore, exact_top_k  # noqa: E402
 
 TARGETS = {"ivf": 0.95, "hnsw": 0.95, "ivfpq": 0.95, "lsh": 0.90, "itq": 0.90}
 K = 10
@@ -134,7 +134,7 @@ def main() -> None:
     half = len(queries) // 2
     tune_q, measure_q = queries[:half], queries[half:]
     ids = np.arange(len(base), dtype=np.int64)
-    truth = exact_top_k(queries, base, ids, K)
+    truth = exact_top_k(queries, base, ids, K)[1]
     tune_truth, measure_truth = truth[:half], truth[half:]
     print(f"{len(base):,} vectors of {base.shape[1]}-d, {len(queries):,} queries "
           f"({'index ' + str(args.index) if args.index else 'synthetic, shifted'}); "

@@ -16,8 +16,8 @@ import numpy as np
 
 from .spec import LEARNED, MIN_TRAIN, IndexSpec, TooFewVectors
 from .store import MODALITIES, IndexStore
-from .tuning import SEARCH_SETTING, TUNING_K, choose, exact_top_k, tune, tuning_queries
-from .vectors import VectorStore, gpu_wanted
+from .tuning import SEARCH_SETTING, TUNING_K, choose, tune, tuning_queries
+from .vectors import VectorStore, exact_top_k, gpu_wanted
 
 RETUNE_GROWTH = 2.0  # tune again once a modality holds this many times the vectors it was tuned for
 ADD_CHUNK = 50_000
@@ -67,6 +67,8 @@ def finish(store: IndexStore, vectors: dict[str, VectorStore], retune: bool = Fa
             vectors[modality] = _moved(held, spec)
     small = check_trainable(spec, {m: n for m, n in counts.items() if not vectors[m].trained})
     report = BuildReport(spec.describe(), 0.0, exact={m: counts[m] for m in small})
+    # Vectors held aside until training are all of that side's: tuning needs them, not read again.
+    in_memory = {m: held.held_aside() for m, held in vectors.items() if not held.trained}
     for modality, held in vectors.items():
         if not held.trained and len(held) and modality not in small:
             sample = held.held_aside()[1]
@@ -74,7 +76,7 @@ def finish(store: IndexStore, vectors: dict[str, VectorStore], retune: bool = Fa
             report.trained[modality] = len(sample)
             spec = held.spec  # training may fix learned sizes (PQ bytes)
     if _wants_tuning(spec, counts, retune or bool(report.trained)):
-        spec = _tune(store, vectors, spec, counts, report)
+        spec = _tune(store, vectors, spec, counts, report, in_memory)
     for held in vectors.values():
         held.spec = spec
     if not report.trained and not report.tuning and spec == store.spec:
@@ -100,10 +102,10 @@ def _wants_tuning(spec: IndexSpec, counts: dict[str, int], rebuilt: bool) -> boo
 
 
 def _tune(store: IndexStore, vectors: dict[str, VectorStore], spec: IndexSpec, counts: dict[str, int],
-          report: BuildReport) -> IndexSpec:
+          report: BuildReport, in_memory: dict[str, tuple[np.ndarray, np.ndarray]]) -> IndexSpec:
     """Tune each modality with queries from the other one; the spec takes the largest value needed."""
     target = spec.params["target_recall"]
-    full = {m: _all_vectors(store, v) for m, v in vectors.items()}
+    full = {m: in_memory[m] if m in in_memory else _stored(store, v) for m, v in vectors.items()}
     values = []
     for modality, held in vectors.items():
         if counts[modality] <= TUNING_K or not held.trained:  # too small to train: it is searched exactly
@@ -111,7 +113,7 @@ def _tune(store: IndexStore, vectors: dict[str, VectorStore], spec: IndexSpec, c
         other = "text" if modality == "image" else "image"
         own_ids, own = full[modality]
         queries, exclude = tuning_queries(own, own_ids, full[other][1])
-        truth = exact_top_k(queries, own, own_ids, TUNING_K, exclude)
+        truth = exact_top_k(queries, own, own_ids, TUNING_K, exclude)[1]
         tuning = tune(held, queries, truth, target, exclude)
         report.tuning[modality] = {**asdict(tuning), "queries_from": other if exclude is None else modality}
         values.append(tuning.value)
@@ -122,11 +124,10 @@ def _tune(store: IndexStore, vectors: dict[str, VectorStore], spec: IndexSpec, c
     return spec.with_params(**{setting: max(values)}, tuned={"for": max(counts.values()), "recall": recall})
 
 
-def _all_vectors(store: IndexStore, held: VectorStore) -> tuple[np.ndarray, np.ndarray]:
+def _stored(store: IndexStore, held: VectorStore) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of a trained side, read from the catalog."""
     ids = np.sort(held.ids())
-    if not len(ids):
-        return ids, np.zeros((0, store.meta.embed_dim), dtype=np.float32)
-    return ids, np.concatenate([store.fetch_vectors(ids[i:i + ADD_CHUNK]) for i in range(0, len(ids), ADD_CHUNK)])
+    return ids, store.fetch_vectors(ids)
 
 
 def reindex(index_dir: Path, spec: IndexSpec, device: str = "auto") -> BuildReport:

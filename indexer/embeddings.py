@@ -160,12 +160,10 @@ def import_embeddings(source: Path, index_dir: Path, identity: ModelIdentity, sp
             if state is not None and state.sha256 == digest:
                 summary.unchanged += 1
                 continue
-            if state is not None:
-                vectors["image"].remove(np.array([state.id]))
-                summary.updated += 1
-            else:
-                summary.added += 1
             writes.append(ImageWrite(path, 0, 0, digest, vector=vector, id=state.id if state else None))
+        replaced = [w.id for w in writes if w.id is not None]
+        vectors["image"].remove(np.asarray(replaced, dtype=np.int64))  # once: HNSW scans its map per call
+        summary.updated, summary.added = len(replaced), len(writes) - len(replaced)
         for start in range(0, len(writes), WRITE_CHUNK):
             chunk = writes[start:start + WRITE_CHUNK]
             vectors["image"].add(np.asarray(catalog.write_images(root_id, chunk)), np.stack([w.vector for w in chunk]))

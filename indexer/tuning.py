@@ -92,25 +92,6 @@ def tune(store: VectorStore, queries: np.ndarray, truth: np.ndarray, target: flo
     return Tuning(setting, values[-1], round(recall, 4), len(queries), False)
 
 
-def exact_top_k(queries: np.ndarray, base: np.ndarray, base_ids: np.ndarray, k: int,
-                exclude: np.ndarray | None = None, block: int = 65_536) -> np.ndarray:
-    """Ids of the exact top-k inner products, computed blockwise; ``exclude[i]`` is never query i's answer."""
-    best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
-    best_ids = np.zeros((len(queries), 0), dtype=np.int64)
-    for start in range(0, len(base), block):
-        scores = queries @ base[start:start + block].T
-        ids = np.broadcast_to(base_ids[start:start + block], scores.shape)
-        if exclude is not None:
-            scores = np.where(ids == exclude[:, None], -np.inf, scores)
-        scores, ids = np.hstack([best_scores, scores]), np.hstack([best_ids, ids])
-        if scores.shape[1] > k:  # partition first: sorting whole blocks dominates at a million vectors
-            part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-            scores, ids = np.take_along_axis(scores, part, 1), np.take_along_axis(ids, part, 1)
-        keep = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        best_scores, best_ids = np.take_along_axis(scores, keep, 1), np.take_along_axis(ids, keep, 1)
-    return best_ids
-
-
 def tuning_queries(own: np.ndarray, own_ids: np.ndarray, other: np.ndarray,
                    seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
     """Queries to tune with: the other modality's vectors where there are enough, else held-out own ones.

@@ -208,7 +208,7 @@ class VectorStore:
         params = {**self.spec.params, **settings}
         k = max(1, min(k, len(self)))
         if self.index is None:
-            return _exact_top_k(queries, self._pending, self._pending_ids, k)
+            return exact_top_k(queries, self._pending, self._pending_ids, k)
         kind = self.spec.kind
         if kind == "flat":
             return self._searched(queries, k)
@@ -396,13 +396,26 @@ def _kind_of(index) -> str:
     return "ivfpq" if isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ) else "ivf"
 
 
-def _exact_top_k(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, k: int):
-    scores = queries @ vectors.T
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+def exact_top_k(queries: np.ndarray, base: np.ndarray, base_ids: np.ndarray, k: int,
+                exclude: np.ndarray | None = None, block: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids) of the exact top-k inner products, blockwise, padded with -inf and id -1 past the
+    base's size; ``exclude[i]`` is never query i's answer. Brute force, in numpy: the ground truth."""
+    best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+    best_ids = np.zeros((len(queries), 0), dtype=np.int64)
+    for start in range(0, len(base), block):
+        scores = queries @ base[start:start + block].T
+        ids = np.broadcast_to(base_ids[start:start + block], scores.shape)
+        if exclude is not None:
+            scores = np.where(ids == exclude[:, None], -np.inf, scores)
+        scores, ids = np.hstack([best_scores, scores]), np.hstack([best_ids, ids])
+        if scores.shape[1] > k:  # partition first: sorting whole blocks dominates at a million vectors
+            part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            scores, ids = np.take_along_axis(scores, part, 1), np.take_along_axis(ids, part, 1)
+        keep = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        best_scores, best_ids = np.take_along_axis(scores, keep, 1), np.take_along_axis(ids, keep, 1)
     top_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
     top_ids = np.full((len(queries), k), -1, dtype=np.int64)
-    top_scores[:, :order.shape[1]] = np.take_along_axis(scores, order, 1)
-    top_ids[:, :order.shape[1]] = ids[order]
+    top_scores[:, :best_scores.shape[1]], top_ids[:, :best_ids.shape[1]] = best_scores, best_ids
     return top_scores, top_ids
 
 

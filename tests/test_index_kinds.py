@@ -6,8 +6,8 @@ import pytest
 
 from indexer.errors import CrossmodalError
 from indexer.spec import IndexSpec, TooFewVectors, nlist_for
-from indexer.tuning import choose, exact_top_k, tune, tuning_queries
-from indexer.vectors import VectorStore
+from indexer.tuning import choose, tune, tuning_queries
+from indexer.vectors import VectorStore, exact_top_k
 
 DIM, N = 64, 10_000
 APPROXIMATE = {  # kind -> (spec params, recall@10 floor against exact on shifted queries)
@@ -32,7 +32,7 @@ def data():
     shift = rng.standard_normal(DIM) * 0.4
     queries = unit(centres[rng.integers(0, 40, 300)] + rng.standard_normal((300, DIM)) * 0.7 + shift)
     ids = np.arange(5_000, 5_000 + N, dtype=np.int64)
-    return base, queries, ids, exact_top_k(queries, base, ids, 10)
+    return base, queries, ids, exact_top_k(queries, base, ids, 10)[1]
 
 
 def build(kind, params, base, ids):
@@ -125,7 +125,7 @@ def test_kinds_that_learn_refuse_a_corpus_too_small_and_search_exactly_until_tra
     store = VectorStore.empty(IndexSpec("ivf"), DIM)
     store.add(ids[:500], base[:500])
     assert not store.trained
-    exact = exact_top_k(queries, base[:500], ids[:500], 10)
+    exact = exact_top_k(queries, base[:500], ids[:500], 10)[1]
     np.testing.assert_array_equal(store.search(queries, 10)[1], exact)
     with pytest.raises(TooFewVectors, match="at least 1,000 vectors"):
         store.train(base[:500])
@@ -153,7 +153,7 @@ def test_tuning_picks_the_smallest_setting_that_reaches_the_target(data):
     # Held-out own vectors (no other modality): each query's own id is not an answer.
     own_queries, exclude = tuning_queries(base, ids, base[:0])
     assert exclude is not None and len(own_queries) == 1_000
-    truth_own = exact_top_k(own_queries, base, ids, 10, exclude)
+    truth_own = exact_top_k(own_queries, base, ids, 10, exclude)[1]
     assert not (truth_own == exclude[:, None]).any()
 
 
