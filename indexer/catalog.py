@@ -92,6 +92,11 @@ MIGRATIONS: tuple[str, ...] = (
         result TEXT NOT NULL
     );
     """,
+    # v3: what a skip depended on (retried when that changes) and library warnings per file
+    """
+    ALTER TABLE items ADD COLUMN skip_info TEXT;
+    ALTER TABLE items ADD COLUMN warnings TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -143,6 +148,8 @@ class ItemRow(Base):
     line: Mapped[int | None]
     error: Mapped[str | None]
     updated_at: Mapped[str]
+    skip_info: Mapped[str | None]  # JSON: the settings and versions a skip depended on
+    warnings: Mapped[str | None]  # what the image libraries said while decoding, one per line
 
 
 class VectorRow(Base):
@@ -193,6 +200,7 @@ class ImageState:
     mtime_ns: int | None
     sha256: str | None
     error: str | None
+    skip_info: str | None = None
 
 
 @dataclass(frozen=True)
@@ -217,6 +225,8 @@ class ImageWrite:
     vector: np.ndarray | None = None
     error: str | None = None
     id: int | None = None
+    skip_info: str | None = None  # JSON, with ``error``: what the skip depended on
+    warnings: str | None = None
 
 
 @dataclass
@@ -243,6 +253,7 @@ class ItemView:
     width: int | None
     height: int | None
     error: str | None
+    warnings: str | None = None
 
 
 def utc_now() -> str:
@@ -341,7 +352,8 @@ class Catalog:
 
     # -- images -------------------------------------------------------------------------------
     def image_states(self, root_id: int) -> dict[str, ImageState]:
-        q = select(ItemRow.id, ItemRow.path, ItemRow.size, ItemRow.mtime_ns, ItemRow.sha256, ItemRow.error).where(
+        q = select(ItemRow.id, ItemRow.path, ItemRow.size, ItemRow.mtime_ns, ItemRow.sha256, ItemRow.error,
+                   ItemRow.skip_info).where(
             ItemRow.kind == IMAGE, ItemRow.root_id == root_id
         )
         with Session(self.engine) as s:
@@ -354,7 +366,8 @@ class Catalog:
         with Session(self.engine) as s, s.begin():
             for w in writes:
                 values = dict(kind=IMAGE, root_id=root_id, path=w.rel, size=w.size, mtime_ns=w.mtime_ns,
-                              sha256=w.sha256, width=w.width, height=w.height, error=w.error, updated_at=now)
+                              sha256=w.sha256, width=w.width, height=w.height, error=w.error, updated_at=now,
+                              skip_info=w.skip_info, warnings=w.warnings)
                 if w.id is None:
                     item_id = s.scalar(insert(ItemRow).values(**values).returning(ItemRow.id))
                 else:
@@ -445,7 +458,8 @@ class Catalog:
         own_root, image_root = aliased(RootRow), aliased(RootRow)
         q = (
             select(ItemRow.id, ItemRow.kind, own_root.path, ItemRow.path, image_root.path, image.path,
-                   ItemRow.text, ItemRow.image_id, ItemRow.origin, ItemRow.width, ItemRow.height, ItemRow.error)
+                   ItemRow.text, ItemRow.image_id, ItemRow.origin, ItemRow.width, ItemRow.height, ItemRow.error,
+                   ItemRow.warnings)
             .outerjoin(own_root, own_root.id == ItemRow.root_id)
             .outerjoin(image, image.id == ItemRow.image_id)
             .outerjoin(image_root, image_root.id == image.root_id)
@@ -454,13 +468,13 @@ class Catalog:
         with Session(self.engine) as s:
             for chunk in _chunks([int(i) for i in ids]):
                 for r in s.execute(q.where(ItemRow.id.in_(chunk))):
-                    item_id, kind, root, rel, img_root, img_rel, txt, image_id, origin, w, h, err = r
+                    item_id, kind, root, rel, img_root, img_rel, txt, image_id, origin, w, h, err, warn = r
                     path = None
                     if rel is not None and root is not None:
                         path = _absolute(root, rel)
                     elif img_rel is not None and img_root is not None:
                         path = _absolute(img_root, img_rel)
-                    views[item_id] = ItemView(item_id, kind, path, txt, image_id, origin, w, h, err)
+                    views[item_id] = ItemView(item_id, kind, path, txt, image_id, origin, w, h, err, warn)
         return views
 
     def counts(self) -> dict[str, int]:
