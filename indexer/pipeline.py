@@ -1,7 +1,8 @@
 """Build or update an index from a folder: walk -> plan -> decode -> encode -> write.
 
-Each stage passes typed values to the next and is timed. Decoding runs in DataLoader worker
-processes while the main process encodes and writes, so on a GPU the model never waits for JPEGs.
+Each stage passes typed values to the next and is timed. Decoding runs in decoder processes
+(indexer.decoders) while the main process encodes and writes, so on a GPU the model never waits
+for JPEGs.
 The catalog is committed after every batch and the FAISS files are flushed every few seconds and
 at the end; an interrupted run keeps every committed batch, and the next run re-syncs the FAISS
 files from the catalog and carries on with what is left.
@@ -26,7 +27,8 @@ from tqdm import tqdm
 
 from .build import check_trainable, finish
 from .catalog import CAPTION, TEXT, ImageWrite, TextWrite
-from .decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_MEGAPIXELS, DecodedBatch, DecodeTask, iter_decoded
+from .decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_MEGAPIXELS, DecodedBatch, DecodeTask
+from .decoders import iter_decoded
 from .encoder import Encoder, sha256_file
 from .errors import Interrupted, SourceError
 from .plan import EncodeJob, ImagePlan, plan_images, plan_texts

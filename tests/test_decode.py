@@ -5,6 +5,7 @@ import multiprocessing
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -13,8 +14,9 @@ import torch
 from conftest import make_image
 from PIL import Image
 
-from indexer import decode
-from indexer.decode import DRAFT_FACTOR, Decoded, DecodeTask, decode_file, iter_decoded, open_image
+from indexer import decode, decoders
+from indexer.decode import DRAFT_FACTOR, Decoded, DecodeTask, decode_file, open_image
+from indexer.decoders import iter_decoded
 
 
 def photo_like_jpeg(width: int, height: int, seed: int = 0) -> bytes:
@@ -114,7 +116,7 @@ def _policy_probe(task, _preprocess, _draft_size, _max_megapixels):
 @pytest.mark.parametrize("starved_after, policy", [(60.0, "SCHED_IDLE"), (0.0, "SCHED_OTHER")])
 def test_decoders_run_at_idle_priority_until_starved(tmp_path, monkeypatch, starved_after, policy):
     monkeypatch.setattr(decode, "decode_file", _policy_probe)
-    monkeypatch.setattr(decode, "STARVED_AFTER_S", starved_after)
+    monkeypatch.setattr(decoders, "STARVED_AFTER_S", starved_after)
     tasks = [DecodeTask(i, tmp_path / f"{i}.jpg") for i in range(12)]
     # Two batches of 4 so every worker has asked for work after the flag could be raised.
     policies = [int(item.error) for b in iter_decoded(tasks, None, 32, batch_size=4, workers=1) for item in b.failed]
@@ -152,3 +154,21 @@ def test_a_file_that_crashes_or_hangs_its_decoder_is_skipped_and_the_rest_decode
     assert decoded == [i for i, w in enumerate(widths) if w == 20]  # all the others, in order
     assert set(failed) == {5, 11}
     assert "decoder crashed" in failed[5] and "took over 2s" in failed[11]
+
+
+class Quitter:
+    """Ends its worker process (an exit, not a signal) on every third file, but decodes fine when alone."""
+
+    def __call__(self, task):
+        if task.key % 3 == 0 and Path("/proc/self/comm").read_text().strip() == "cm-decoder":
+            os._exit(3)
+        return Decoded(task.key, sha256=str(task.key), width=1, height=1, pixels=torch.full((3, 2, 2), task.key))
+
+
+@pytest.mark.skipif(not Path("/proc/self/comm").exists(), reason="process names from /proc (Linux)")
+def test_a_worker_that_exits_costs_only_a_retry_of_the_files_it_held(tmp_path):
+    tasks = [DecodeTask(i, tmp_path / f"{i}.png") for i in range(20)]
+    batches = list(iter_decoded(tasks, None, 8, batch_size=4, workers=2, decoder=Quitter()))
+    assert [item.key for b in batches for item in b.ok] == list(range(20))
+    assert not [item for b in batches for item in b.failed]
+    assert torch.cat([b.pixels for b in batches])[:, 0, 0, 0].tolist() == list(range(20))
