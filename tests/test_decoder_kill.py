@@ -53,6 +53,14 @@ def decoders_of(pid: int) -> list[int]:
     return sorted(found)
 
 
+def committed_images(index: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{index / 'catalog.sqlite'}?mode=ro", uri=True, timeout=1) as db:
+            return db.execute("SELECT count(*) FROM vectors").fetchone()[0]
+    except sqlite3.Error:  # not created yet
+        return 0
+
+
 def image_vectors(index: Path) -> dict[str, np.ndarray]:
     with sqlite3.connect(index / "catalog.sqlite") as db:
         rows = db.execute("SELECT items.path, items.error, vectors.data FROM items LEFT JOIN vectors "
@@ -66,19 +74,19 @@ def test_killing_decoder_workers_at_random_never_ends_the_run(tmp_path):
     write_corpus(photos)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
-    started = time.monotonic()
     reference = subprocess.run(command(photos, tmp_path / "ref"), capture_output=True, text=True, env=env)
-    uninterrupted = time.monotonic() - started
     assert reference.returncode == 0, reference.stderr
 
     rng = np.random.default_rng(2026)
-    process = subprocess.Popen(command(photos, tmp_path / "idx"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    index = tmp_path / "idx"
+    process = subprocess.Popen(command(photos, index), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=env)
-    launched, landed = time.monotonic(), 0
+    landed = 0
     try:
-        # Seeded moments spread over the middle of an uninterrupted run's time (start-up comes first).
-        for moment in np.sort(rng.uniform(0.3, 0.8, KILLS)) * uninterrupted:
-            time.sleep(max(0.0, launched + moment - time.monotonic()))
+        # Seeded points of progress (images committed), so the kills land mid-run however fast it goes.
+        for target in np.sort(rng.choice(np.arange(4, N_IMAGES - 24), KILLS, replace=False)):
+            while process.poll() is None and committed_images(index) < target:
+                time.sleep(0.005)
             workers = decoders_of(process.pid)
             while not workers and process.poll() is None:  # between a death and its replacement
                 time.sleep(0.01)
@@ -91,7 +99,7 @@ def test_killing_decoder_workers_at_random_never_ends_the_run(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
-    print(f"{landed} of {KILLS} kills landed while the run was in progress (uninterrupted run: {uninterrupted:.1f}s)")
+    print(f"{landed} of {KILLS} kills landed while the run was in progress")
     assert landed == KILLS, "the run ended before every kill: make the corpus slower to decode"
     assert process.returncode == 0, stderr
     assert "Traceback" not in stderr and "DataLoader" not in stderr, stderr
