@@ -172,3 +172,28 @@ def test_a_worker_that_exits_costs_only_a_retry_of_the_files_it_held(tmp_path):
     assert [item.key for b in batches for item in b.ok] == list(range(20))
     assert not [item for b in batches for item in b.failed]
     assert torch.cat([b.pixels for b in batches])[:, 0, 0, 0].tolist() == list(range(20))
+
+
+def _children() -> set[int]:
+    found = set()
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        found.update(int(pid) for pid in (task / "children").read_text().split())
+    return found
+
+
+@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task").exists(), reason="child processes from /proc (Linux)")
+def test_a_worker_killed_while_the_consumer_is_busy_elsewhere_raises_nothing_there(tmp_path):
+    # torch's DataLoader raised from a SIGCHLD handler at whatever line the main process ran when a
+    # worker died (a catalog write, the model); the busy loop below is such a line.
+    preprocess = open_clip.image_transform(32, is_train=False)
+    tasks = [DecodeTask(i, p) for i, p in enumerate(_write_jpegs(tmp_path, 24))]
+    before = _children()
+    batches = iter_decoded(tasks, preprocess, 32, batch_size=4, workers=2)
+    first = next(batches)
+    os.kill(min(_children() - before), signal.SIGKILL)
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        sum(range(100))
+    rest = list(batches)
+    assert [item.key for b in [first, *rest] for item in b.ok] == list(range(24))
+    assert not [item for b in rest for item in b.failed]

@@ -84,9 +84,11 @@ def test_killing_decoder_workers_at_random_never_ends_the_run(tmp_path):
     landed = 0
     try:
         # Seeded points of progress (images committed), so the kills land mid-run however fast it goes.
-        for target in np.sort(rng.choice(np.arange(4, N_IMAGES - 24), KILLS, replace=False)):
+        # Then a random delay within a batch's time, so kills also land while the model encodes.
+        for target in np.sort(rng.choice(np.arange(4, N_IMAGES - 96), KILLS, replace=False)):
             while process.poll() is None and committed_images(index) < target:
                 time.sleep(0.005)
+            time.sleep(rng.uniform(0, 0.25))
             workers = decoders_of(process.pid)
             while not workers and process.poll() is None:  # between a death and its replacement
                 time.sleep(0.01)
