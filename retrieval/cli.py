@@ -108,6 +108,10 @@ def _counted(counts: dict[str, int], shown: int = 8) -> str:
     return ", ".join(parts + (["..."] if len(counts) > shown else []))
 
 
+def _files(count: int, singular: str, plural: str | None = None) -> str:
+    return f"{count:,} {singular if count == 1 else plural or singular + 's'}"
+
+
 def _print_index_summary(summary: IndexSummary) -> None:
     for problem in summary.problems:
         click.echo(f"warning: {printable(problem)}", err=True)
@@ -115,17 +119,17 @@ def _print_index_summary(summary: IndexSummary) -> None:
     click.echo(f"  images: {summary.added} added, {summary.updated} updated, {summary.moved} moved, "
                f"{summary.removed} removed, {summary.unchanged} unchanged, {summary.skipped} skipped")
     if summary.retried:
-        click.echo(f"  retried {summary.retried:,} skipped files (a setting they depended on changed, "
+        click.echo(f"  retried {_files(summary.retried, 'skipped file')} (a setting they depended on changed, "
                    "or --retry-skipped)")
     if summary.unreadable:
-        click.echo(f"  {summary.unreadable:,} folders or files could not be read (see the warnings); "
-                   f"{summary.kept_unread:,} images indexed there are kept")
+        click.echo(f"  could not read {_files(summary.unreadable, 'folder or file', 'folders or files')} (see the "
+                   f"warnings); kept {_files(summary.kept_unread, 'image')} indexed there")
     if summary.other_types:
-        click.echo(f"  {sum(summary.other_types.values()):,} files of other types not indexed: "
+        click.echo(f"  {_files(sum(summary.other_types.values()), 'file')} of other types not indexed: "
                    f"{_counted(summary.other_types)}")
     if summary.special_files:
-        click.echo(f"  {sum(summary.special_files.values()):,} special files (not regular) not read: "
-                   f"{_counted(summary.special_files)}")
+        click.echo(f"  {_files(sum(summary.special_files.values()), 'special file')} (FIFO, socket, device) not "
+                   f"read: {_counted(summary.special_files)}")
     click.echo(f"  texts:  {summary.texts_added} added, {summary.texts_removed} removed, "
                f"{summary.texts_unchanged} unchanged")
     click.echo(f"  encoded {summary.encoded_images} images, {summary.encoded_texts} texts; "

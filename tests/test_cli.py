@@ -146,3 +146,17 @@ def test_control_characters_in_file_names_are_escaped_in_human_output(invoke, tm
     assert hits[0]["path"] == str(root.resolve() / "new\nline.png")  # JSON stays exact
     listed = invoke("info", "--skipped", ok=True).output
     assert "\x1b" not in listed and "esc\\x1b[31mape.png: cannot decode image" in listed
+
+
+def test_what_could_not_be_read_is_kept_and_said(invoke, photo_dir, tmp_path):
+    from conftest import make_image
+
+    make_image(tmp_path / "disk" / "x.png", seed=9)
+    (photo_dir / "ext").symlink_to(tmp_path / "disk", target_is_directory=True)
+    invoke("index", photo_dir, "--workers", "0", "--no-progress", ok=True)
+    (tmp_path / "disk").rename(tmp_path / "unplugged")  # the disk the link leads to is not mounted
+    out = invoke("index", photo_dir, "--workers", "0", "--no-progress", ok=True).output
+    assert "0 removed, 6 unchanged" in out
+    assert "  could not read 1 folder or file (see the warnings); kept 1 image indexed there\n" in out
+    assert f"warning: {photo_dir}/ext: broken symlink, its target is missing; what was indexed under this name " \
+           "is kept\n" in out
