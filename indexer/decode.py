@@ -8,6 +8,7 @@ full decode and, after the bicubic resize, within a small tolerance of open_clip
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 from collections.abc import Callable
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
+
+from .skips import TOO_LARGE, UNDECODABLE, UNREADABLE, VANISHED
 
 # The draft keeps the shorter side at least DRAFT_FACTOR times the model's input, so the final
 # bicubic resize still does the last anti-aliased step. 1 stays within about one grey level (mean)
@@ -37,6 +40,7 @@ class Decoded:
     height: int | None = None
     pixels: torch.Tensor | None = None
     error: str | None = None
+    cause: str | None = None  # with error, one of indexer.skips' causes: decides when the file is retried
 
 
 @dataclass
@@ -89,14 +93,16 @@ def decode_file(task: DecodeTask, preprocess: Callable, draft_size: int | None,
     try:
         data = task.path.read_bytes()
     except OSError as exc:
-        return Decoded(task.key, error=f"cannot read file: {exc.strerror or exc}")
+        return Decoded(task.key, error=f"cannot read file: {exc.strerror or exc}",
+                       cause=VANISHED if exc.errno in (errno.ENOENT, errno.ENOTDIR) else UNREADABLE)
     digest = hashlib.sha256(data).hexdigest()
     try:
         image = open_image(io.BytesIO(data), draft_size, max_megapixels)
         width, height = image.info["source_size"]
         pixels = preprocess(image)
     except TooLarge as exc:
-        return Decoded(task.key, sha256=digest, error=f"image too large: {exc}")
+        return Decoded(task.key, sha256=digest, error=f"image too large: {exc}", cause=TOO_LARGE)
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, bombs...)
-        return Decoded(task.key, sha256=digest, error=f"cannot decode image: {type(exc).__name__}: {exc}")
+        return Decoded(task.key, sha256=digest, error=f"cannot decode image: {type(exc).__name__}: {exc}",
+                       cause=UNDECODABLE)
     return Decoded(task.key, sha256=digest, width=width, height=height, pixels=pixels)

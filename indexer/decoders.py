@@ -37,6 +37,7 @@ import torch
 
 from . import decode
 from .decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_MEGAPIXELS, Decoded, DecodedBatch, DecodeTask
+from .skips import CRASHED, TIMEOUT, UNDECODABLE
 
 # A wait this long for one decoded image means the decoders are not getting the CPU (another
 # program keeps every core busy), not that an image is slow: a 12 MP JPEG takes ~40 ms.
@@ -184,7 +185,7 @@ def _worker_main(conn, decoder: Callable[[DecodeTask], Decoded], starved, name: 
             else:
                 item = decoder(task)
         except Exception as exc:  # decode_file never raises; a stand-in or a plugin still might
-            item = Decoded(task.key, error=f"cannot decode image: {type(exc).__name__}: {exc}")
+            item = Decoded(task.key, error=f"cannot decode image: {type(exc).__name__}: {exc}", cause=UNDECODABLE)
         if item.pixels is not None:
             item.pixels = item.pixels.numpy()  # by value: nothing shared with a process that may die
         outbox.put((position, time.monotonic(), item))
@@ -223,10 +224,10 @@ class _Worker:
 
 def _failure(key: int, worker: _Worker, timeout: float, timed_out: bool) -> Decoded:
     if timed_out:
-        return Decoded(key, error=f"decoding took over {timeout:g}s (--decode-timeout); skipped")
+        return Decoded(key, error=f"decoding took over {timeout:g}s (--decode-timeout); skipped", cause=TIMEOUT)
     code = worker.process.exitcode
     how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
-    return Decoded(key, error=f"the decoder crashed on this file ({how}); skipped")
+    return Decoded(key, error=f"the decoder crashed on this file ({how}); skipped", cause=CRASHED)
 
 
 class _Pool:

@@ -26,15 +26,19 @@ import numpy as np
 from tqdm import tqdm
 
 from .build import check_trainable, finish
-from .catalog import CAPTION, TEXT, ImageWrite, TextWrite
+from .catalog import CAPTION, TEXT, ImageState, ImageWrite, TextWrite
 from .decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_MEGAPIXELS, DecodedBatch, DecodeTask
 from .decoders import iter_decoded
 from .encoder import Encoder, sha256_file
 from .errors import Interrupted, SourceError
 from .plan import EncodeJob, ImagePlan, plan_images, plan_texts
+from .skips import NOT_REGULAR, VANISHED, RetrySettings, skip_info
 from .sources import (
+    ImageFile,
     Problem,
     TextRecord,
+    WalkReport,
+    catalog_name,
     file_origin,
     read_captions_file,
     read_texts_file,
@@ -67,6 +71,8 @@ class IndexOptions:
     max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS  # larger images are skipped, not decoded
     decode_timeout: float = DEFAULT_DECODE_TIMEOUT  # seconds a decoder process may spend on one file
     sidecars: bool = True  # read NAME.txt captions beside images
+    retry_skipped: bool = False  # try every skipped file again, not only those a changed setting may help
+    allow_empty: bool = False  # a root with no images left may lose every image indexed from it
     only: frozenset[str] | None = None  # index just these root-relative paths (one split of a benchmark)
 
 
@@ -80,6 +86,7 @@ class IndexSummary:
     moved: int = 0
     unchanged: int = 0
     skipped: int = 0
+    retried: int = 0  # skipped before and tried again (changed settings or --retry-skipped)
     duplicates: int = 0  # images or texts whose vector was reused instead of encoded again
     texts_added: int = 0
     texts_removed: int = 0
@@ -89,6 +96,10 @@ class IndexSummary:
     seconds: float = 0.0
     images_per_second: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
+    unreadable: int = 0  # folders and files the walk could not read: what was indexed there is kept
+    kept_unread: int = 0  # images kept because the walk could not look at them
+    other_types: dict[str, int] = field(default_factory=dict)  # extension -> files not indexed, most first
+    special_files: dict[str, int] = field(default_factory=dict)  # kind -> FIFOs, sockets, devices not read
     problems: list[str] = field(default_factory=list)
     build: dict | None = None  # what training and tuning did (indexer.build.BuildReport)
 
@@ -125,6 +136,8 @@ class _Run:
         self.dirty: set[str] = set()
         self.last_flush = time.monotonic()
         self.stop_requested = False  # set by the first Ctrl-C: stop once the batch in hand is committed
+        self.retry = RetrySettings(options.max_megapixels, options.decode_timeout,
+                                   retry_all=options.retry_skipped)
 
     def check_stop(self) -> None:
         if self.stop_requested:
@@ -198,13 +211,11 @@ def update_index(root: Path, index_dir: Path, encoder: Encoder, options: IndexOp
         try:
             with run.timer.stage("load"):
                 run.load()
+            known = store.catalog.image_states(root_id)
             with run.timer.stage("walk"):
-                files = list(walk_images(root, include_hidden=options.include_hidden,
-                                         exclude=options.exclude, problems=problems))
-                if options.only is not None:
-                    files = [f for f in files if f.rel in options.only]
+                files, walked = _walk(run, root, known)
             with run.timer.stage("plan"):
-                plan = plan_images(files, store.catalog.image_states(root_id), sha256_file)
+                plan = plan_images(files, known, sha256_file, walked, run.retry)
                 if not run.vectors["image"].trained:  # say so before encoding, not after
                     try:
                         check_trainable(store.spec, {"image": len(run.vectors["image"]) + len(plan.encode)})
@@ -212,12 +223,12 @@ def update_index(root: Path, index_dir: Path, encoder: Encoder, options: IndexOp
                         if store.created:
                             store.catalog.clear_meta()
                         raise
-                _apply_plan_without_encoding(run, plan)
+                _apply_plan_without_encoding(run, root_id, plan)
             _encode_images(run, root_id, plan.encode)
             with run.timer.stage("texts"):
                 sidecars = [r for f in files for r in sidecar_captions(f, problems)] if options.sidecars else []
                 records = sidecars + extra_records
-                _sync_texts(run, root_id, root, records)
+                _sync_texts(run, root_id, root, records, {state.id for state in plan.kept_unseen})
             store.catalog.mark_root_indexed(root_id)
             with run.timer.stage("train"):
                 report = finish(store, run.vectors)
@@ -237,17 +248,48 @@ def update_index(root: Path, index_dir: Path, encoder: Encoder, options: IndexOp
     return summary
 
 
-def _apply_plan_without_encoding(run: _Run, plan: ImagePlan) -> None:
+def _walk(run: _Run, root: Path, known: dict[str, ImageState]) -> tuple[list[ImageFile], WalkReport]:
+    """The root's image files and what else the walk saw; refuses a root emptied by an unmounted disk."""
+    options, summary = run.options, run.summary
+    report = WalkReport()
+    files = list(walk_images(root, include_hidden=options.include_hidden, exclude=options.exclude,
+                             problems=run.problems, report=report, not_counted=options.captions + options.texts))
+    # An unmounted disk leaves an empty folder, which a walk cannot tell from one whose photos were deleted.
+    indexed = sum(1 for rel, state in known.items() if state.error is None and not report.unseen(rel))
+    if not files and not report.special and indexed and not options.allow_empty:
+        raise SourceError(f"{root} holds no images now but the index has {indexed:,} from it; if they were "
+                          "really deleted, run again with --allow-empty")
+    if options.only is not None:
+        files = [f for f in files if f.rel in options.only]
+        report.special = [f for f in report.special if f.rel in options.only]
+    summary.unreadable = len(report.unread_dirs - {f + "/" for f in report.unread_files}) + len(report.unread_files)
+    summary.other_types = dict(sorted(report.other_types.items(), key=lambda kv: (-kv[1], kv[0])))
+    summary.special_files = dict(sorted(report.other_special.items()))
+    return files, report
+
+
+def _apply_plan_without_encoding(run: _Run, root_id: int, plan: ImagePlan) -> None:
     catalog, summary = run.store.catalog, run.summary
     catalog.update_image_files((item_id, f.rel, f.size, f.mtime_ns) for item_id, f in plan.restat + plan.moved)
     if plan.gone:
         deleted = catalog.delete_items([s.id for s in plan.gone])
         run.drop("image", deleted)
         run.drop("text", deleted)
+    if plan.not_regular:
+        # Named like images but never opened (a FIFO would block the reader): recorded so info --skipped lists them.
+        writes = [ImageWrite(f.rel, f.size, f.mtime_ns, None, error=f"not a regular file ({f.kind}); skipped",
+                             id=item_id, skip_info=skip_info(NOT_REGULAR, run.retry, type=f.kind))
+                  for f, item_id in plan.not_regular]
+        catalog.write_images(root_id, writes)
+        run.drop("image", [item_id for _, item_id in plan.not_regular if item_id is not None])
+        run.problems += [Problem(catalog_name(str(f.path)), f"not a regular file ({f.kind}); skipped")
+                         for f, _ in plan.not_regular]
     summary.unchanged = len(plan.unchanged) + len(plan.restat)
     summary.moved = len(plan.moved)
     summary.removed = len(plan.gone)
-    summary.skipped = len(plan.still_failing)
+    summary.skipped = len(plan.still_failing) + len(plan.not_regular)
+    summary.retried = plan.retried
+    summary.kept_unread = len(plan.kept_unseen)
 
 
 def _encode_images(run: _Run, root_id: int, jobs: list[EncodeJob]) -> None:
@@ -269,10 +311,14 @@ def _encode_images(run: _Run, root_id: int, jobs: list[EncodeJob]) -> None:
             writes: list[ImageWrite] = []
             for item in batch.failed:
                 job = jobs[item.key]
+                if item.cause == VANISHED:  # no row: a file never indexed must not be "removed" next run
+                    run.problems.append(Problem(str(job.file.path), "vanished before it could be read"))
+                    continue
                 writes.append(ImageWrite(job.file.rel, job.file.size, job.file.mtime_ns, item.sha256,
-                                         error=item.error, id=job.item_id))
+                                         error=item.error, id=job.item_id,
+                                         skip_info=skip_info(item.cause, run.retry)))
                 run.problems.append(Problem(str(job.file.path), item.error or "unreadable"))
-            summary.skipped += len(batch.failed)
+            summary.skipped += len(writes)
 
             with run.timer.stage("encode"):
                 vectors = _vectors_for_batch(run, batch)
@@ -325,19 +371,25 @@ def _vectors_for_batch(run: _Run, batch: DecodedBatch) -> list[np.ndarray]:
     return _reuse_or_encode(run, "image", [item.sha256 for item in batch.ok], encode)
 
 
-def _sync_texts(run: _Run, root_id: int, root: Path, records: list[TextRecord]) -> None:
+def _sync_texts(run: _Run, root_id: int, root: Path, records: list[TextRecord], unread_images: set[int]) -> None:
     catalog, summary = run.store.catalog, run.summary
+    known = catalog.text_states(root_id)
+    # The sidecars of images the walk could not look at were not read either: their captions stay as they are.
+    untouched = [t for t in known if t.image_id in unread_images and (t.origin or "").startswith("sidecar:")]
+    if untouched:
+        skip = {t.id for t in untouched}
+        known = [t for t in known if t.id not in skip]
     # Files passed this run are synced (their removed lines leave the index); others are left alone.
     passed = {file_origin("captions", p) for p in run.options.captions}
     passed |= {file_origin("texts", p) for p in run.options.texts}
     image_ids = {rel: state.id for rel, state in catalog.image_states(root_id).items()}
-    plan = plan_texts(records, catalog.text_states(root_id),
+    plan = plan_texts(records, known,
                       lambda origin: origin.startswith("sidecar:") or origin in passed,
                       image_ids, root, run.problems)
     if plan.remove:
         run.drop("text", catalog.delete_items(plan.remove))
     summary.texts_removed = len(plan.remove)
-    summary.texts_unchanged = plan.kept
+    summary.texts_unchanged = plan.kept + len(untouched)
     batch_size = 256
     for start in range(0, len(plan.add), batch_size):
         chunk = plan.add[start : start + batch_size]

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .catalog import ImageState, TextState
-from .sources import ImageFile, Problem, TextRecord
+from .skips import NOT_REGULAR, RetrySettings, cause_of, worth_retrying
+from .sources import ImageFile, Problem, SpecialFile, TextRecord, WalkReport
 
 
 @dataclass(frozen=True)
@@ -31,17 +32,23 @@ class ImagePlan:
     moved: list[tuple[int, ImageFile]] = field(default_factory=list)
     encode: list[EncodeJob] = field(default_factory=list)
     gone: list[ImageState] = field(default_factory=list)
-    still_failing: list[ImageState] = field(default_factory=list)  # unchanged files that failed before
+    still_failing: list[ImageState] = field(default_factory=list)  # failed before, nothing changed that could help
+    retried: int = 0  # jobs of ``encode`` that failed before and are tried again although unchanged
+    kept_unseen: list[ImageState] = field(default_factory=list)  # where the walk could not look: kept as is
+    not_regular: list[tuple[SpecialFile, int | None]] = field(default_factory=list)  # to record as skipped
 
 
-def plan_images(files: Iterable[ImageFile], known: dict[str, ImageState],
-                hash_file: Callable[[Path], str]) -> ImagePlan:
+def plan_images(files: Iterable[ImageFile], known: dict[str, ImageState], hash_file: Callable[[Path], str],
+                walk: WalkReport | None = None, retry: RetrySettings | None = None) -> ImagePlan:
     """Compare the walk with the catalog's rows for the same root.
 
     A path seen before with the same size and mtime is unchanged. A path with a new size or mtime
     is hashed: same hash means only its stat changed, else it is re-encoded under its old id. A new
-    path whose hash equals a vanished file's is a move and keeps that file's id and vector.
+    path whose hash equals a vanished file's is a move and keeps that file's id and vector. Only
+    files the walk saw missing are gone: rows under a folder it could not read stay (``walk``). An
+    unchanged file that failed before is tried again when ``retry`` says what it depended on changed.
     """
+    walk = walk or WalkReport()
     plan = ImagePlan()
     seen: set[str] = set()
     new: list[ImageFile] = []
@@ -51,13 +58,21 @@ def plan_images(files: Iterable[ImageFile], known: dict[str, ImageState],
         if state is None:
             new.append(f)
         elif (state.size, state.mtime_ns) == (f.size, f.mtime_ns):
-            (plan.still_failing if state.error else plan.unchanged).append(state)
+            if state.error is None:
+                plan.unchanged.append(state)
+            elif retry is not None and worth_retrying(state.skip_info, retry):
+                plan.encode.append(EncodeJob(f, state.id))
+                plan.retried += 1
+            else:
+                plan.still_failing.append(state)
         elif state.error is None and state.sha256 is not None and hash_file(f.path) == state.sha256:
             plan.restat.append((state.id, f))
         else:
             plan.encode.append(EncodeJob(f, state.id))
+    _plan_not_regular(plan, walk.special, known, seen)
 
-    vanished = [s for rel, s in known.items() if rel not in seen]
+    vanished = [s for rel, s in known.items() if rel not in seen and not walk.unseen(rel)]
+    plan.kept_unseen = [s for rel, s in known.items() if rel not in seen and walk.unseen(rel)]
     movable: dict[int, dict[str, list[ImageState]]] = defaultdict(lambda: defaultdict(list))
     for state in vanished:
         if state.error is None and state.sha256 is not None and state.size is not None:
@@ -75,6 +90,18 @@ def plan_images(files: Iterable[ImageFile], known: dict[str, ImageState],
         plan.encode.append(EncodeJob(f))
     plan.gone = [s for s in vanished if s.id not in moved_ids]
     return plan
+
+
+def _plan_not_regular(plan: ImagePlan, special: Iterable[SpecialFile], known: dict[str, ImageState],
+                      seen: set[str]) -> None:
+    for f in special:
+        seen.add(f.rel)
+        state = known.get(f.rel)
+        if state is not None and cause_of(state.skip_info) == NOT_REGULAR and \
+                (state.size, state.mtime_ns) == (f.size, f.mtime_ns):
+            plan.still_failing.append(state)
+        else:
+            plan.not_regular.append((f, state.id if state is not None else None))
 
 
 @dataclass

@@ -12,8 +12,10 @@ import fnmatch
 import json
 import os
 import re
+import stat
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import SourceError
@@ -82,62 +84,177 @@ def _excluded(rel: str, name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(name, p) for p in patterns)
 
 
+@dataclass(frozen=True)
+class SpecialFile:
+    """A FIFO, socket or device (or a symlink to one) named like an image: recorded, never opened."""
+
+    rel: str
+    path: Path
+    kind: str  # "FIFO", "socket", "character device", "block device"
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class WalkReport:
+    """What a walk saw besides the images it yields: what it could not look at, and what it left out."""
+
+    unread_dirs: set[str] = field(default_factory=set)  # prefixes ("" the root, "a/b/") not listed this time
+    unread_files: set[str] = field(default_factory=set)  # root-relative paths whose stat failed
+    special: list[SpecialFile] = field(default_factory=list)  # not regular files, with an image extension
+    other_special: Counter[str] = field(default_factory=Counter)  # kind -> not regular files with other names
+    other_types: Counter[str] = field(default_factory=Counter)  # extension -> regular files of types not indexed
+
+    def unseen(self, rel: str) -> bool:
+        """Whether the file ``rel`` may still exist: the walk could not look where it would be."""
+        if rel in self.unread_files:
+            return True
+        parts = rel.split("/")
+        return any("/".join(parts[:n]) + ("/" if n else "") in self.unread_dirs for n in range(len(parts)))
+
+
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                  (stat.S_ISBLK, "block device"))
+
+
+def _entry_kind(entry: os.DirEntry) -> str:
+    """"dir", "link" (a symlink to a directory), "file" (regular), or a special file's kind; raises OSError."""
+    if entry.is_symlink():
+        mode = os.stat(entry.path).st_mode  # raises when the target is missing
+        if stat.S_ISDIR(mode):
+            return "link"
+    elif entry.is_dir(follow_symlinks=False):
+        return "dir"
+    elif entry.is_file(follow_symlinks=False):
+        return "file"
+    else:
+        mode = entry.stat(follow_symlinks=False).st_mode
+    if stat.S_ISREG(mode):
+        return "file"
+    return next((kind for test, kind in _SPECIAL_KINDS if test(mode)), "special file")
+
+
+class _Walker:
+    """One walk: directories are listed once each; symlinked ones after the real tree, so an image
+    reachable both ways is indexed under its real path."""
+
+    def __init__(self, include_hidden: bool, patterns: tuple[str, ...], problems: list[Problem],
+                 report: WalkReport, not_counted: frozenset[str]):
+        self.include_hidden, self.patterns, self.not_counted = include_hidden, patterns, not_counted
+        self.problems, self.report = problems, report
+        self.walked: dict[tuple[int, int], str] = {}  # a directory's identity -> the prefix it was walked under
+        self.links: deque[tuple[Path, str]] = deque()
+
+    def walk(self, root: Path) -> Iterator[ImageFile]:
+        yield from self.directory(root, "")
+        while self.links:
+            yield from self.directory(*self.links.popleft())
+
+    def first_visit(self, path: Path, prefix: str, st: os.stat_result) -> bool:
+        """Whether this folder is new to the walk; if not, say why it is not walked again."""
+        first = self.walked.setdefault((st.st_dev, st.st_ino), prefix)
+        if first == prefix:
+            return True
+        if prefix.startswith(first):  # it lies inside the folder it leads to
+            where = f"'{first.rstrip('/')}'" if first else "the root"
+            message = f"symlink loop: it leads back to {where}, already visited; not followed"
+        else:
+            message = f"already indexed through '{first.rstrip('/')}'; not indexed again under this path"
+        self.problem(path, message)
+        return False
+
+    def problem(self, path: Path | str, message: str) -> None:
+        self.problems.append(Problem(catalog_name(str(path)), message))
+
+    def cannot_stat(self, path: Path, rel: str, exc: OSError) -> None:
+        # It may be a file or a folder (a symlink to an unmounted disk): what was indexed under it stays.
+        self.report.unread_files.add(rel)
+        self.report.unread_dirs.add(rel + "/")
+        broken = os.path.islink(path) and isinstance(exc, FileNotFoundError)
+        reason = "broken symlink, its target is missing" if broken else f"cannot stat: {exc.strerror or exc}"
+        self.problem(path, f"{reason}; what was indexed under this name is kept")
+
+    def directory(self, path: Path, prefix: str) -> Iterator[ImageFile]:
+        try:
+            if not self.first_visit(path, prefix, os.stat(path)):
+                return
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            self.report.unread_dirs.add(prefix)
+            self.problem(path, f"cannot read directory: {exc.strerror or exc}; what was indexed under it is kept")
+            return
+        images: set[str] = set()  # names of this folder's images, to tell their sidecar captions
+        others: list[os.DirEntry] = []
+        for entry in entries:
+            name = self.name_of(entry)
+            rel = f"{prefix}{name}"
+            if (not self.include_hidden and _is_hidden(name)) or _excluded(rel, name, self.patterns):
+                continue
+            try:
+                kind = _entry_kind(entry)
+                if kind == "dir":
+                    yield from self.directory(Path(entry.path), rel + "/")
+                    continue
+                if kind == "link":
+                    self.links.append((Path(entry.path), rel + "/"))
+                    continue
+                if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                    if kind == "file":
+                        others.append(entry)
+                    else:
+                        self.report.other_special[kind] += 1
+                    continue
+                st = entry.stat()
+            except OSError as exc:
+                self.cannot_stat(Path(entry.path), rel, exc)
+                continue
+            if kind != "file":
+                self.report.special.append(SpecialFile(rel, Path(entry.path), kind, st.st_size, st.st_mtime_ns))
+                continue
+            images.add(entry.name)
+            yield ImageFile(rel=rel, path=Path(entry.path), size=st.st_size, mtime_ns=st.st_mtime_ns)
+        self.count_others(others, images)
+
+    def count_others(self, others: list[os.DirEntry], images: set[str]) -> None:
+        stems = {str(Path(name).with_suffix("")) for name in images}
+        for entry in others:
+            if entry.name.endswith(SIDECAR_SUFFIX) and entry.name[: -len(SIDECAR_SUFFIX)] in stems:
+                continue  # a sidecar caption file (sidecar_captions reads NAME.txt beside NAME.jpg)
+            if self.not_counted and os.path.realpath(entry.path) in self.not_counted:
+                continue
+            self.report.other_types[Path(catalog_name(entry.name)).suffix.lower()] += 1
+
+    def name_of(self, entry: os.DirEntry) -> str:
+        if _utf8_safe(entry.name):
+            return entry.name
+        name = catalog_name(entry.name)
+        self.problem(entry.path, f"name is not valid UTF-8; indexed as '{name}' (its bytes as \\xNN)")
+        return name
+
+
 def walk_images(
     root: Path,
     *,
     include_hidden: bool = False,
     exclude: Iterable[str] = (),
     problems: list[Problem] | None = None,
+    report: WalkReport | None = None,
+    not_counted: Iterable[Path] = (),
 ) -> Iterator[ImageFile]:
-    """Yield every image file below ``root``, depth first, in sorted order.
+    """Yield every regular image file below ``root``, depth first, in sorted order.
 
     ``exclude`` holds glob patterns matched against the root-relative path and the bare name
-    (so ``--exclude '*.gif'`` and ``--exclude 'raw/*'`` both work). Directories that cannot be
-    read and symlink loops are reported in ``problems`` and skipped.
+    (so ``--exclude '*.gif'`` and ``--exclude 'raw/*'`` both work). Folders reached through a
+    symlink are walked after the real tree, once each; symlink loops are reported and not followed.
+    What could not be read, non-regular files (never opened) and files of other types are
+    reported in ``problems`` and ``report``; ``not_counted`` files (captions files passed by the
+    user) are not counted as other types.
     """
-    patterns = tuple(exclude)
-    root = Path(root)
-    seen_dirs: set[tuple[int, int]] = set()
-
-    def visit(directory: Path, prefix: str) -> Iterator[ImageFile]:
-        try:
-            st = directory.stat()
-            key = (st.st_dev, st.st_ino)
-            if key in seen_dirs:
-                if problems is not None:
-                    problems.append(Problem(str(directory), "directory already visited (symlink loop?)"))
-                return
-            seen_dirs.add(key)
-            with os.scandir(directory) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as exc:
-            if problems is not None:
-                problems.append(Problem(str(directory), f"cannot read directory: {exc.strerror or exc}"))
-            return
-        for entry in entries:
-            name = entry.name
-            if not _utf8_safe(name):
-                name = catalog_name(name)
-                if problems is not None:
-                    problems.append(Problem(catalog_name(entry.path),
-                                            f"name is not valid UTF-8; indexed as '{name}' (its bytes as \\xNN)"))
-            rel = f"{prefix}{name}"
-            if (not include_hidden and _is_hidden(name)) or _excluded(rel, name, patterns):
-                continue
-            try:
-                if entry.is_dir():
-                    yield from visit(Path(entry.path), rel + "/")
-                    continue
-                if not entry.is_file() or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
-                    continue
-                st = entry.stat()
-            except OSError as exc:
-                if problems is not None:
-                    problems.append(Problem(entry.path, f"cannot stat: {exc.strerror or exc}"))
-                continue
-            yield ImageFile(rel=rel, path=Path(entry.path), size=st.st_size, mtime_ns=st.st_mtime_ns)
-
-    yield from visit(root, "")
+    walker = _Walker(include_hidden, tuple(exclude), problems if problems is not None else [],
+                     report if report is not None else WalkReport(),
+                     frozenset(os.path.realpath(p) for p in not_counted))
+    yield from walker.walk(Path(root))
 
 
 def _clean_lines(raw: str) -> Iterator[tuple[int, str]]:

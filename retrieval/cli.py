@@ -17,12 +17,19 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import click  # noqa: E402
 from click.core import ParameterSource  # noqa: E402
 
-from indexer import IndexOptions, IndexSpec, update_index  # noqa: E402
+from indexer import IndexOptions, IndexSpec, IndexSummary, update_index  # noqa: E402
 from indexer.store import IndexStore, encoder_for, open_encoder  # noqa: E402
 
 from .cli_train import data_group, train_cmd  # noqa: E402
 from .cli_vectors import echo_build, export_cmd, reindex_cmd, verify_cmd  # noqa: E402
-from .options import domain_errors, index_option, index_type_options, json_option, model_options  # noqa: E402
+from .options import (  # noqa: E402
+    domain_errors,
+    index_option,
+    index_type_options,
+    json_option,
+    model_options,
+    printable,
+)
 from .searcher import Hit, Searcher  # noqa: E402
 
 
@@ -55,13 +62,18 @@ def cli() -> None:
               help="Skip images with more pixels than this (decompression bombs, huge scans), read from the header.")
 @click.option("--decode-timeout", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True,
               help="Seconds a decoder may spend on one file; a file that hangs or crashes it is skipped.")
+@click.option("--retry-skipped", is_flag=True,
+              help="Try every skipped file again [default: only those a changed setting or Pillow may help].")
+@click.option("--allow-empty", is_flag=True,
+              help="Let a ROOT that holds no images any more remove all its images from the index.")
 @click.option("--flush-seconds", type=click.FloatRange(0), default=30.0, show_default=True,
               help="How often vector files are written during a run (the catalog commits every batch).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @json_option
 @domain_errors
 def index_cmd(root, embeddings, images_root, index_dir, model, pretrained, device, captions, texts, include_hidden,
-              exclude, batch_size, workers, spec, max_megapixels, decode_timeout, flush_seconds, progress, as_json):
+              exclude, batch_size, workers, spec, max_megapixels, decode_timeout, retry_skipped, allow_empty,
+              flush_seconds, progress, as_json):
     """Index the images (and captions) under ROOT; re-run to update incrementally.
 
     \b
@@ -81,16 +93,43 @@ def index_cmd(root, embeddings, images_root, index_dir, model, pretrained, devic
         options = IndexOptions(captions=tuple(captions), texts=tuple(texts), include_hidden=include_hidden,
                                exclude=tuple(exclude), batch_size=batch_size, workers=workers,
                                spec=spec, max_megapixels=max_megapixels, decode_timeout=decode_timeout,
-                               flush_seconds=flush_seconds, progress=progress)
+                               retry_skipped=retry_skipped, allow_empty=allow_empty, flush_seconds=flush_seconds,
+                               progress=progress)
         summary = update_index(root, index_dir, encoder, options)
     if as_json:
         click.echo(json.dumps(summary.as_dict(), indent=2))
         return
+    _print_index_summary(summary)
+
+
+def _counted(counts: dict[str, int], shown: int = 8) -> str:
+    """"a 40, b 12, ..." for counts already ordered most first."""
+    parts = [f"{printable(key or '(no extension)')} {n:,}" for key, n in list(counts.items())[:shown]]
+    return ", ".join(parts + (["..."] if len(counts) > shown else []))
+
+
+def _files(count: int, singular: str, plural: str | None = None) -> str:
+    return f"{count:,} {singular if count == 1 else plural or singular + 's'}"
+
+
+def _print_index_summary(summary: IndexSummary) -> None:
     for problem in summary.problems:
-        click.echo(f"warning: {problem}", err=True)
-    click.echo(f"indexed {summary.root} into {summary.index}")
+        click.echo(f"warning: {printable(problem)}", err=True)
+    click.echo(f"indexed {printable(summary.root)} into {printable(summary.index)}")
     click.echo(f"  images: {summary.added} added, {summary.updated} updated, {summary.moved} moved, "
                f"{summary.removed} removed, {summary.unchanged} unchanged, {summary.skipped} skipped")
+    if summary.retried:
+        click.echo(f"  retried {_files(summary.retried, 'skipped file')} (a setting they depended on changed, "
+                   "or --retry-skipped)")
+    if summary.unreadable:
+        click.echo(f"  could not read {_files(summary.unreadable, 'folder or file', 'folders or files')} (see the "
+                   f"warnings); kept {_files(summary.kept_unread, 'image')} indexed there")
+    if summary.other_types:
+        click.echo(f"  {_files(sum(summary.other_types.values()), 'file')} of other types not indexed: "
+                   f"{_counted(summary.other_types)}")
+    if summary.special_files:
+        click.echo(f"  {_files(sum(summary.special_files.values()), 'special file')} (FIFO, socket, device) not "
+                   f"read: {_counted(summary.special_files)}")
     click.echo(f"  texts:  {summary.texts_added} added, {summary.texts_removed} removed, "
                f"{summary.texts_unchanged} unchanged")
     click.echo(f"  encoded {summary.encoded_images} images, {summary.encoded_texts} texts; "
@@ -134,7 +173,7 @@ def search_cmd(query, image, target, k, nprobe, ef_search, rerank, index_dir, mo
         else:
             hits = searcher.search_text(query, to=target or "image", k=k)
         for note in searcher.notes:
-            click.echo(f"note: {note}", err=True)
+            click.echo(f"note: {printable(note)}", err=True)
     if as_json:
         click.echo(json.dumps([h.as_dict() for h in hits], indent=2, ensure_ascii=False))
     else:
@@ -148,9 +187,9 @@ def _print_hits(hits: list[Hit]) -> None:
     click.echo(f"{'rank':>4}  {'score':>6}  result")
     for hit in hits:
         if hit.kind == "image":
-            line = hit.path
+            line = printable(hit.path)
         else:
-            line = f"{hit.text!r}" + (f"  [{hit.path}]" if hit.path else "")
+            line = printable(repr(hit.text)) + (f"  [{printable(hit.path)}]" if hit.path else "")
         click.echo(f"{hit.rank:>4}  {hit.score:6.3f}  {line}")
 
 
@@ -171,8 +210,9 @@ def info_cmd(index_dir, skipped, as_json):
         return
     m, c = info["model"], info["counts"]
     weights = m["pretrained"] + (f" (sha256 {m['checkpoint_sha256'][:12]})" if m["checkpoint_sha256"] else "")
-    click.echo(f"index:    {info['index']} (schema v{info['schema_version']})")
-    click.echo(f"model:    {m['name']} / {weights}, {m['embed_dim']}-d, open_clip {m['open_clip_version']}")
+    click.echo(f"index:    {printable(info['index'])} (schema v{info['schema_version']})")
+    click.echo(f"model:    {printable(m['name'])} / {printable(weights)}, {m['embed_dim']}-d, "
+               f"open_clip {m['open_clip_version']}")
     spec = IndexSpec(**info["index_spec"])
     tuned = spec.params.get("tuned")
     recall = f"; recall@10 {', '.join(f'{m} {r:.3f}' for m, r in tuned['recall'].items())}" if tuned else ""
@@ -180,10 +220,10 @@ def info_cmd(index_dir, skipped, as_json):
     click.echo(f"type:     {spec.describe()}{chosen}{recall}")
     click.echo(f"items:    {c['image']} images, {c['caption']} captions, {c['text']} texts, {c['skipped']} skipped")
     click.echo(f"vectors:  {info['vectors']['image']} image, {info['vectors']['text']} text")
-    click.echo(f"roots:    {', '.join(info['roots']) or '-'}")
+    click.echo(f"roots:    {printable(', '.join(info['roots'])) or '-'}")
     click.echo("disk:     " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in info["disk_bytes"].items()))
     for item in skipped_items or []:
-        click.echo(f"skipped:  {item['path']}: {item['error']}")
+        click.echo(f"skipped:  {printable(item['path'])}: {printable(item['error'])}")
 
 
 @cli.command("eval")
@@ -232,8 +272,8 @@ def eval_cmd(index_dir, karpathy_json, images_root, split, model, pretrained, de
                                 progress=not as_json)
         result, index_dir, source = run.evaluation, run.index_dir, f"karpathy:{karpathy_json.resolve()}:{split}"
         if run.missing_images:
-            click.echo(f"note: {run.missing_images} images of split '{split}' not found under the images root; "
-                       "evaluated without them", err=True)
+            click.echo(f"note: {run.missing_images} images of split '{printable(split)}' not found under the images "
+                       "root; evaluated without them", err=True)
     else:
         result = evaluate_index(index_dir, k_values, curve_k)
     if plot_path:
@@ -244,13 +284,13 @@ def eval_cmd(index_dir, karpathy_json, images_root, split, model, pretrained, de
         click.echo(json.dumps(result.as_dict()))
         return
     _print_evaluation(result, k_values)
-    click.echo(f"index: {index_dir}" + (f"   plot: {plot_path}" if plot_path else "")
+    click.echo(f"index: {printable(index_dir)}" + (f"   plot: {printable(plot_path)}" if plot_path else "")
                + ("   saved: see crossmodal eval --history" if save_run else ""))
 
 
 def _print_evaluation(result, k_values: list[int]) -> None:
     counts = result.counts
-    click.echo(f"model: {result.model}   index: {result.index_kind}")
+    click.echo(f"model: {printable(result.model)}   index: {result.index_kind}")
     click.echo(f"{counts['caption_queries']} captions of {counts['image_queries']} images "
                f"(gallery: {counts['images']} images, {counts['texts']} texts)")
     for key in ("images_without_captions", "texts_without_image", "duplicate_captions"):
@@ -286,7 +326,8 @@ def _print_history(runs, as_json: bool) -> None:
         t2i, i2t = run.result["text_to_image"]["index"], run.result["image_to_text"]["index"]
         cells = [t2i.get(k) for k in ("R@1", "R@5", "R@10")] + [i2t.get(k) for k in ("R@1", "R@5", "R@10")]
         text = "".join(f"{c:>7.3f} " if c is not None else f"{'-':>7} " for c in cells)
-        click.echo(f"{run.id:>4}  {run.created_at:<26}{run.result.get('index_kind', '?'):<8}{text} {run.model}")
+        click.echo(f"{run.id:>4}  {run.created_at:<26}{run.result.get('index_kind', '?'):<8}{text} "
+                   f"{printable(run.model)}")
 
 
 cli.add_command(data_group)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 import click
@@ -10,6 +11,23 @@ import sqlalchemy.exc
 
 from indexer import DEFAULT_INDEX_DIR
 from indexer.errors import CrossmodalError
+
+# C0 and C1 controls, and the characters that make a terminal start a new line or reorder text.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match) -> str:
+    char = match.group()
+    if char in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[char]
+    return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+
+
+def printable(value: object) -> str:
+    """``value`` as text a terminal shows on one line as written: control characters escaped (\\n, \\t,
+    \\x1b), so a file name cannot break a table or send escape sequences. JSON output stays exact."""
+    return _UNPRINTABLE.sub(_escape, str(value))
 
 
 def domain_errors(func):
@@ -20,7 +38,7 @@ def domain_errors(func):
         try:
             return func(*args, **kwargs)
         except CrossmodalError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(printable(exc)) from None
         except sqlalchemy.exc.OperationalError as exc:  # disk full, read-only folder, a lost file system
             raise click.ClickException(
                 f"the index catalog could not be read or written: {exc.orig}; what was committed before is "

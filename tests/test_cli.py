@@ -100,3 +100,63 @@ def test_an_overlong_query_is_cut_with_a_note(invoke, photo_dir):
     long = invoke("search", " ".join(["word"] * 25))
     assert long.exit_code == 0 and "note: the query is 5 tokens longer than the model reads" in long.output
     assert "note:" not in invoke("search", "a short query").output
+
+
+def test_files_of_other_types_are_counted_most_common_first(invoke, photo_dir):
+    for name in ["a.mp4", "b.mp4", "c.mp4", "d.pdf", "e.pdf", *(f"f.e{i}" for i in range(1, 9))]:
+        (photo_dir / name).write_bytes(b"x")
+    (photo_dir / "captions.jsonl").write_text('{"image": "img1.png", "caption": "listed"}\n')
+    args = ("index", photo_dir, "--captions", photo_dir / "captions.jsonl", "--workers", "0", "--no-progress")
+    out = invoke(*args, ok=True).output  # img0.txt is a sidecar and captions.jsonl an input: neither is counted
+    assert "  13 files of other types not indexed: .mp4 3, .pdf 2, .e1 1, .e2 1, .e3 1, .e4 1, .e5 1, .e6 1, ...\n" \
+        in out
+    summary = json.loads(invoke(*args, "--json", ok=True).output)
+    assert list(summary["other_types"].items())[:3] == [(".mp4", 3), (".pdf", 2), (".e1", 1)]
+    assert sum(summary["other_types"].values()) == 13
+
+
+def test_a_changed_setting_retries_skipped_files_and_says_so(invoke, photo_dir):
+    first = json.loads(invoke("index", photo_dir, "--workers", "0", "--no-progress", "--max-megapixels", "0.001",
+                              "--json", ok=True).output)
+    assert (first["skipped"], first["retried"]) == (6, 0)  # 40x30 pixels is over 0.001 megapixels
+    out = invoke("index", photo_dir, "--workers", "0", "--no-progress", ok=True).output
+    assert "6 updated" in out and "0 skipped" in out
+    assert "  retried 6 skipped files (a setting they depended on changed, or --retry-skipped)\n" in out
+    again = json.loads(invoke("index", photo_dir, "--workers", "0", "--no-progress", "--retry-skipped", "--json",
+                              ok=True).output)
+    assert (again["retried"], again["unchanged"]) == (0, 6)
+
+
+def test_control_characters_in_file_names_are_escaped_in_human_output(invoke, tmp_path):
+    from conftest import make_image
+
+    root = tmp_path / "ph\noto"
+    make_image(root / "new\nline.png", seed=1)
+    (root / "esc\x1b[31mape.png").write_bytes(b"not an image")
+    out = invoke("index", root, "--workers", "0", "--no-progress", ok=True).output
+    assert "\x1b" not in out and "new\nline" not in out and "ph\noto" not in out
+    warnings = [line for line in out.splitlines() if "ape.png" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: ")
+    assert "/ph\\noto/esc\\x1b[31mape.png: cannot decode image" in warnings[0]
+    escaped_root = str(root.resolve()).replace("\n", "\\n")
+    assert f"indexed {escaped_root} into" in out
+    table = invoke("search", "anything", "-k", "5", ok=True).output.splitlines()
+    assert len(table) == 2 and table[1].endswith("ph\\noto/new\\nline.png")
+    hits = json.loads(invoke("search", "anything", "-k", "5", "--json", ok=True).output)
+    assert hits[0]["path"] == str(root.resolve() / "new\nline.png")  # JSON stays exact
+    listed = invoke("info", "--skipped", ok=True).output
+    assert "\x1b" not in listed and "esc\\x1b[31mape.png: cannot decode image" in listed
+
+
+def test_what_could_not_be_read_is_kept_and_said(invoke, photo_dir, tmp_path):
+    from conftest import make_image
+
+    make_image(tmp_path / "disk" / "x.png", seed=9)
+    (photo_dir / "ext").symlink_to(tmp_path / "disk", target_is_directory=True)
+    invoke("index", photo_dir, "--workers", "0", "--no-progress", ok=True)
+    (tmp_path / "disk").rename(tmp_path / "unplugged")  # the disk the link leads to is not mounted
+    out = invoke("index", photo_dir, "--workers", "0", "--no-progress", ok=True).output
+    assert "0 removed, 6 unchanged" in out
+    assert "  could not read 1 folder or file (see the warnings); kept 1 image indexed there\n" in out
+    assert f"warning: {photo_dir}/ext: broken symlink, its target is missing; what was indexed under this name " \
+           "is kept\n" in out

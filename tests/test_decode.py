@@ -197,3 +197,20 @@ def test_a_worker_killed_while_the_consumer_is_busy_elsewhere_raises_nothing_the
     rest = list(batches)
     assert [item.key for b in [first, *rest] for item in b.ok] == list(range(24))
     assert not [item for b in rest for item in b.failed]
+
+
+def test_every_failure_names_its_cause(tmp_path):
+    """The cause decides when a skipped file is tried again (indexer.skips)."""
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"\x00" * 100)
+    big = make_image(tmp_path / "big.png", seed=1, size=(200, 100))
+    (tmp_path / "folder.jpg").mkdir()  # reading it fails, as a file the indexer may not read does
+    causes = {path.name: decode_file(DecodeTask(0, path), lambda im: im, None, max_megapixels=0.01).cause
+              for path in (junk, big, tmp_path / "folder.jpg", tmp_path / "gone.jpg")}
+    assert causes == {"junk.jpg": "undecodable", "big.png": "too_large", "folder.jpg": "unreadable",
+                      "gone.jpg": "vanished"}
+    # The crash gets a long timeout so a busy machine cannot make it look like a hang.
+    for width, timeout, cause in ((13, 60, "crashed"), (17, 1, "timeout")):
+        task = DecodeTask(0, make_image(tmp_path / f"{width}.png", seed=width, size=(width, 10)))
+        batches = iter_decoded([task], Treacherous(), 8, batch_size=1, workers=1, use_draft=False, timeout=timeout)
+        assert [item.cause for batch in batches for item in batch.failed] == [cause]

@@ -4,6 +4,8 @@ recorded as skipped with its reason, and the run goes on (fake encoder, real pip
 import io
 import json
 import os
+import signal
+import socket
 
 import numpy as np
 import pytest
@@ -93,7 +95,7 @@ def test_every_valid_image_is_indexed_and_every_bad_file_skipped_with_its_reason
     assert checked["ok"] and checked["missing_files"] == []  # escaped names still lead to their files
 
 
-def test_a_file_that_vanishes_between_walk_and_decode_is_skipped_then_forgotten(invoke, photo_dir, monkeypatch):
+def test_a_file_that_vanishes_between_walk_and_decode_is_reported_not_recorded(invoke, photo_dir, monkeypatch):
     import indexer.pipeline
 
     walk = indexer.pipeline.walk_images
@@ -107,8 +109,44 @@ def test_a_file_that_vanishes_between_walk_and_decode_is_skipped_then_forgotten(
     with monkeypatch.context() as patch:
         patch.setattr(indexer.pipeline, "walk_images", walk_then_delete)
         summary = json.loads(invoke("index", photo_dir, "--workers", "0", "--no-progress", "--json").output)
-    assert summary["added"] == 4 and summary["skipped"] == 2
-    assert any("img2.png: cannot read file" in p for p in summary["problems"])
+    assert summary["added"] == 4 and summary["skipped"] == 1
+    assert any("img2.png: vanished before it could be read" in p for p in summary["problems"])
     assert any("img3.png: cannot decode image" in p for p in summary["problems"])
     again = json.loads(invoke("index", photo_dir, "--workers", "0", "--no-progress", "--json").output)
-    assert again["removed"] == 1 and again["skipped"] == 1  # the vanished file leaves; the garbage stays skipped
+    assert again["removed"] == 0 and again["skipped"] == 1  # never indexed, so not "removed"; the garbage stays
+
+
+@pytest.fixture
+def deadline():
+    """Fail instead of hanging: a FIFO opened for reading blocks until someone writes to it."""
+    def expired(_signum, _frame):
+        raise TimeoutError("the run hung: something opened a FIFO or socket")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_fifos_sockets_and_links_to_them_are_recorded_as_skipped_never_opened(invoke, photo_dir, monkeypatch,
+                                                                              deadline):
+    os.mkfifo(photo_dir / "pipe.jpg")
+    os.mkfifo(photo_dir / "pipe.log")
+    (photo_dir / "sub" / "to-pipe.png").symlink_to(photo_dir / "pipe.jpg")
+    monkeypatch.chdir(photo_dir)  # bind a relative name: AF_UNIX paths are limited to about 100 bytes
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind("sock.webp")
+        args = ("index", photo_dir, "--workers", "0", "--no-progress", "--json")
+        first = json.loads(invoke(*args, ok=True).output)
+        again = json.loads(invoke(*args, ok=True).output)
+        listed = invoke("info", "--skipped", ok=True).output
+    assert (first["added"], first["skipped"], first["special_files"]) == (6, 3, {"FIFO": 1})
+    assert sorted(p for p in first["problems"] if "regular" in p) == [
+        f"{photo_dir}/pipe.jpg: not a regular file (FIFO); skipped",
+        f"{photo_dir}/sock.webp: not a regular file (socket); skipped",
+        f"{photo_dir}/sub/to-pipe.png: not a regular file (FIFO); skipped"]
+    assert (again["skipped"], again["removed"], again["unchanged"]) == (3, 0, 6)
+    assert not any("regular" in p for p in again["problems"])  # recorded once, listed by info --skipped
+    assert "sub/to-pipe.png: not a regular file (FIFO); skipped" in listed
+    assert "sock.webp: not a regular file (socket); skipped" in listed

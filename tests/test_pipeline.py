@@ -1,7 +1,12 @@
 """Incremental indexing with the fake encoder: what gets encoded, kept, moved and removed."""
 
+import ctypes
+import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +14,7 @@ from conftest import FakeEncoder, make_image
 
 from indexer import IndexOptions, IndexStore, update_index
 from indexer.errors import IndexLocked, ModelMismatch, SourceError
+from indexer.skips import PILLOW_VERSION
 from indexer.vectors import VectorStore
 from retrieval import Searcher
 
@@ -183,3 +189,152 @@ def test_missing_root_and_bad_captions_file_stop_before_any_work(tmp_path, fake_
     with pytest.raises(SourceError, match="caption"):
         run(tmp_path / "root", tmp_path / "idx", fake_encoder, captions=(bad,))
     assert not (tmp_path / "idx").exists()
+
+
+def test_raising_max_megapixels_retries_what_it_skipped(photo_dir, tmp_path, fake_encoder):
+    index = tmp_path / "idx"
+    make_image(photo_dir / "big.png", seed=30, size=(200, 100))  # 0.02 megapixels
+    s = run(photo_dir, index, fake_encoder, max_megapixels=0.01)
+    assert (s.added, s.skipped, s.retried) == (6, 1, 0)
+    s = run(photo_dir, index, FakeEncoder(), max_megapixels=0.01)
+    assert (s.skipped, s.retried) == (1, 0)  # the same bound: nothing to try again
+    s = run(photo_dir, index, FakeEncoder(), max_megapixels=0.015)
+    assert (s.skipped, s.retried, s.updated) == (1, 1, 0)  # raised, not enough: tried once, recorded again
+    s = run(photo_dir, index, FakeEncoder(), max_megapixels=0.015)
+    assert (s.skipped, s.retried) == (1, 0)
+    enc = FakeEncoder()
+    s = run(photo_dir, index, enc, max_megapixels=0.05)
+    assert (s.skipped, s.retried, s.updated, enc.images_encoded) == (0, 1, 1, 1)
+    consistent(index)
+
+
+def mark_skipped(index, root, rel, skip_info):
+    """Record ``rel`` (unchanged on disk) as skipped, as a run with other settings or an older version left it."""
+    from indexer.catalog import Catalog, ImageWrite
+
+    catalog = Catalog(index / "catalog.sqlite")
+    state = catalog.image_states(catalog.root_id(root.resolve()))[rel]
+    catalog.write_images(catalog.root_id(root.resolve()), [ImageWrite(
+        rel, state.size, state.mtime_ns, state.sha256, error="cannot decode image: OSError: bug", id=state.id,
+        skip_info=skip_info)])
+    catalog.close()
+
+
+@pytest.mark.parametrize("skip_info,flag", [
+    (None, True),  # written before skip_info existed: retried with --retry-skipped only
+    ('{"cause": "undecodable", "pillow": "0.0.1"}', False),  # another Pillow than the one that failed
+    ('{"cause": "unreadable"}', False),  # permissions may have been fixed
+    ('{"cause": "undecodable", "pillow": "' + PILLOW_VERSION + '"}', True),
+])
+def test_a_skipped_file_is_retried_when_the_reason_may_have_gone(photo_dir, tmp_path, fake_encoder, skip_info, flag):
+    index = tmp_path / "idx"
+    run(photo_dir, index, fake_encoder)
+    mark_skipped(index, photo_dir, "img1.png", skip_info)
+    if flag:
+        s = run(photo_dir, index, FakeEncoder())
+        assert (s.skipped, s.retried, s.unchanged) == (1, 0, 5)  # without the flag: as before, until it changes
+    s = run(photo_dir, index, FakeEncoder(), retry_skipped=flag)
+    assert (s.skipped, s.retried, s.updated) == (0, 1, 1)
+    s = run(photo_dir, index, FakeEncoder(), retry_skipped=flag)
+    assert (s.skipped, s.retried, s.unchanged) == (0, 0, 6)
+    consistent(index)
+
+
+def test_a_root_emptied_by_an_unmounted_disk_is_refused_without_allow_empty(photo_dir, tmp_path, fake_encoder):
+    index = tmp_path / "idx"
+    run(photo_dir, index, fake_encoder)
+    shutil.move(photo_dir, tmp_path / "on-the-disk")
+    photo_dir.mkdir()  # the empty mount point
+    with pytest.raises(SourceError) as refused:
+        run(photo_dir, index, FakeEncoder())
+    assert str(refused.value) == (f"{photo_dir.resolve()} holds no images now but the index has 6 from it; if they "
+                                  "were really deleted, run again with --allow-empty")
+    photo_dir.rmdir()
+    with pytest.raises(SourceError, match="folder not found"):
+        run(photo_dir, index, FakeEncoder())
+    with IndexStore.open(index) as store:
+        assert (store.catalog.counts()["image"], store.catalog.counts()["caption"]) == (6, 2)
+    shutil.move(tmp_path / "on-the-disk", photo_dir)  # mounted again
+    enc = FakeEncoder()
+    s = run(photo_dir, index, enc)
+    assert (s.unchanged, s.texts_unchanged, enc.images_encoded) == (6, 2, 0)
+    for child in photo_dir.rglob("*"):
+        if child.is_file():
+            child.unlink()
+    s = run(photo_dir, index, FakeEncoder(), allow_empty=True)
+    assert s.removed == 6
+    with IndexStore.open(index) as store:
+        assert (store.catalog.counts()["image"], store.catalog.counts()["caption"]) == (0, 0)
+    consistent(index)
+
+
+def test_a_folder_on_a_disk_that_is_not_mounted_keeps_its_images_and_captions(photo_dir, tmp_path, fake_encoder):
+    index, disk = tmp_path / "idx", tmp_path / "disk"
+    make_image(disk / "trip" / "x.png", seed=40)
+    make_image(disk / "trip" / "y.png", seed=41)
+    (disk / "trip" / "x.txt").write_text("a trip caption\n")
+    (photo_dir / "external").symlink_to(disk / "trip", target_is_directory=True)
+    s = run(photo_dir, index, fake_encoder)
+    assert (s.added, s.texts_added) == (8, 3)
+    disk.rename(tmp_path / "unplugged")
+    s = run(photo_dir, index, FakeEncoder())
+    assert (s.removed, s.texts_removed, s.unchanged, s.texts_unchanged) == (0, 0, 6, 3)
+    assert (s.unreadable, s.kept_unread) == (1, 2)
+    assert any("external: broken symlink" in p for p in s.problems)
+    (tmp_path / "unplugged").rename(disk)
+    enc = FakeEncoder()
+    s = run(photo_dir, index, enc)
+    assert (s.unchanged, s.texts_unchanged, s.unreadable, enc.images_encoded, enc.texts_encoded) == (8, 3, 0, 0, 0)
+    consistent(index)
+
+
+UNPRIVILEGED_RUN = """
+import json, sys
+sys.path[:0] = [sys.argv[3]]
+from conftest import FakeEncoder
+from indexer import IndexOptions, update_index
+summary = update_index(sys.argv[1], sys.argv[2], FakeEncoder(), IndexOptions(workers=0, progress=False))
+print(json.dumps(summary.as_dict()))
+"""
+
+
+def _without_read_override() -> None:
+    # Root reads a mode-000 folder through CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH. Dropped from the
+    # bounding set before exec, the child runs as root without them and is denied like anyone else.
+    prctl = getattr(ctypes.CDLL(None), "prctl", None)  # Linux; elsewhere the probe below skips the test
+    if os.geteuid() == 0 and prctl is not None:
+        for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+            prctl(24, capability, 0, 0, 0)  # PR_CAPBSET_DROP; a failure shows in the probe below
+
+
+def as_denied(*args):
+    import indexer
+
+    env = {**os.environ, "PYTHONPATH": str(Path(indexer.__file__).resolve().parent.parent)}  # the code under test
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                          preexec_fn=_without_read_override, timeout=300)
+
+
+def test_a_folder_the_indexer_may_not_read_keeps_its_images_and_captions(tmp_path, fake_encoder):
+    root, locked = tmp_path / "photos", tmp_path / "photos" / "private"
+    make_image(root / "open.png", seed=1)
+    make_image(locked / "a.png", seed=2)
+    make_image(locked / "b.png", seed=3)
+    (locked / "a.txt").write_text("a private caption\n")
+    run(root, tmp_path / "idx", fake_encoder)
+    locked.chmod(0)
+    try:
+        if as_denied("-c", f"import os; os.listdir({str(locked)!r})").returncode == 0:
+            pytest.skip("cannot deny this process a mode-000 folder here")
+        result = as_denied("-c", UNPRIVILEGED_RUN, str(root), str(tmp_path / "idx"),
+                           str(Path(__file__).resolve().parent))
+    finally:
+        locked.chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["removed"], summary["texts_removed"], summary["unchanged"]) == (0, 0, 1)
+    assert (summary["unreadable"], summary["kept_unread"]) == (1, 2)
+    assert f"{locked}: cannot read directory: Permission denied; what was indexed under it is kept" \
+        in summary["problems"]
+    with IndexStore.open(tmp_path / "idx") as store:
+        assert (store.catalog.counts()["image"], store.catalog.counts()["caption"]) == (3, 1)

@@ -1,8 +1,12 @@
+import json
 from pathlib import Path
+
+import pytest
 
 from indexer.catalog import ImageState, TextState
 from indexer.plan import plan_images, plan_texts
-from indexer.sources import ImageFile, TextRecord
+from indexer.skips import PILLOW_VERSION, RetrySettings
+from indexer.sources import ImageFile, SpecialFile, TextRecord, WalkReport
 
 
 class Hasher:
@@ -18,8 +22,8 @@ def f(rel, size=10, mtime=1):
     return ImageFile(rel, Path("/r") / rel, size, mtime)
 
 
-def s(id_, rel, size=10, mtime=1, sha="h", error=None):
-    return ImageState(id_, rel, size, mtime, sha, error)
+def s(id_, rel, size=10, mtime=1, sha="h", error=None, skip_info=None):
+    return ImageState(id_, rel, size, mtime, sha, error, skip_info)
 
 
 def test_unchanged_files_are_not_hashed():
@@ -60,6 +64,55 @@ def test_failed_files_are_retried_only_when_changed():
     assert [x.id for x in plan.still_failing] == [1] and not plan.encode
     plan = plan_images([f("bad.jpg", mtime=5)], known, Hasher({}))
     assert [(j.file.rel, j.item_id) for j in plan.encode] == [("bad.jpg", 1)]
+
+
+def test_rows_where_the_walk_could_not_look_are_kept_not_gone_or_moved():
+    known = {"sub/a.jpg": s(1, "sub/a.jpg", sha="h1"), "b.jpg": s(2, "b.jpg", sha="h2"),
+             "odd.jpg": s(3, "odd.jpg", sha="h3")}
+    walk = WalkReport(unread_dirs={"sub/"}, unread_files={"odd.jpg"})
+    plan = plan_images([f("copy.jpg")], known, Hasher({"copy.jpg": "h1"}), walk)
+    assert [g.id for g in plan.gone] == [2]
+    assert sorted(k.id for k in plan.kept_unseen) == [1, 3]
+    assert not plan.moved and [(j.file.rel, j.item_id) for j in plan.encode] == [("copy.jpg", None)]
+
+
+def skip(cause, **info):
+    return s(1, "bad.jpg", sha=None, error="failed", skip_info=json.dumps({"cause": cause, **info}))
+
+
+NOW = RetrySettings(max_megapixels=100.0, decode_timeout=60.0)
+
+
+@pytest.mark.parametrize("state,settings,retried", [
+    (skip("too_large", max_megapixels=100.0), NOW, False),
+    (skip("too_large", max_megapixels=50.0), NOW, True),
+    (skip("too_large", max_megapixels=100.0), RetrySettings(None, 60.0), True),
+    (skip("timeout", timeout=60.0, pillow=PILLOW_VERSION), NOW, False),
+    (skip("timeout", timeout=30.0, pillow=PILLOW_VERSION), NOW, True),
+    (skip("undecodable", pillow=PILLOW_VERSION), NOW, False),
+    (skip("undecodable", pillow="1.0.0"), NOW, True),  # another Pillow may read it
+    (skip("crashed", pillow="1.0.0"), NOW, True),
+    (skip("unreadable"), NOW, True),  # permissions may have changed; a failed read is cheap
+    (s(1, "bad.jpg", sha=None, error="failed"), NOW, False),  # before skip_info was recorded: as it always was
+    (s(1, "bad.jpg", sha=None, error="failed"), RetrySettings(100.0, 60.0, retry_all=True), True),
+    (skip("undecodable", pillow=PILLOW_VERSION), RetrySettings(100.0, 60.0, retry_all=True), True),
+])
+def test_an_unchanged_skipped_file_is_retried_when_what_it_depended_on_changed(state, settings, retried):
+    plan = plan_images([f("bad.jpg")], {"bad.jpg": state}, Hasher({}), retry=settings)
+    assert plan.retried == int(retried)
+    assert [(j.file.rel, j.item_id) for j in plan.encode] == ([("bad.jpg", 1)] if retried else [])
+    assert [x.id for x in plan.still_failing] == ([] if retried else [1])
+
+
+def test_not_regular_files_are_recorded_once_and_replace_an_indexed_image():
+    walk = WalkReport(special=[SpecialFile("pipe.jpg", Path("/r/pipe.jpg"), "FIFO", 0, 5),
+                               SpecialFile("was-image.jpg", Path("/r/was-image.jpg"), "socket", 0, 5)])
+    known = {"pipe.jpg": s(1, "pipe.jpg", size=0, mtime=5, sha=None, error="not a regular file (FIFO); skipped",
+                           skip_info='{"cause": "not_regular", "type": "FIFO"}'),
+             "was-image.jpg": s(2, "was-image.jpg")}
+    plan = plan_images([], known, Hasher({}), walk)
+    assert [x.id for x in plan.still_failing] == [1] and not plan.gone
+    assert [(x.rel, item_id) for x, item_id in plan.not_regular] == [("was-image.jpg", 2)]
 
 
 def rec(text, image=None, origin="sidecar:a.txt", line=1):

@@ -1,9 +1,19 @@
+import errno
+import os
+import socket
 from pathlib import Path
 
 import pytest
 
 from indexer.errors import SourceError
-from indexer.sources import filesystem_path, read_captions_file, read_texts_file, sidecar_captions, walk_images
+from indexer.sources import (
+    WalkReport,
+    filesystem_path,
+    read_captions_file,
+    read_texts_file,
+    sidecar_captions,
+    walk_images,
+)
 
 
 def touch(path: Path, data: bytes = b"x") -> Path:
@@ -48,7 +58,85 @@ def test_walk_reports_size_mtime_and_survives_symlink_loops(tmp_path):
     found = list(walk_images(tmp_path, problems=problems))
     assert [x.rel for x in found] == ["a.jpg"]
     assert found[0].size == 5 and found[0].mtime_ns == f.stat().st_mtime_ns
-    assert any("visited" in p.message for p in problems)
+    assert any("symlink loop" in p.message and "visited" in p.message for p in problems)
+
+
+def test_a_symlink_to_a_folder_walked_elsewhere_is_not_called_a_loop(tmp_path):
+    touch(tmp_path / "z_real" / "a.jpg")
+    (tmp_path / "a_alias").symlink_to(tmp_path / "z_real", target_is_directory=True)  # sorts before its target
+    (tmp_path / "z_real" / "back").symlink_to(tmp_path, target_is_directory=True)  # a real loop
+    problems = []
+    assert rels(tmp_path, problems=problems) == ["z_real/a.jpg"]  # once, under its real path
+    messages = {Path(p.where).name: p.message for p in problems}
+    assert set(messages) == {"a_alias", "back"}
+    assert "already indexed through 'z_real'" in messages["a_alias"] and "loop" not in messages["a_alias"]
+    assert "symlink loop" in messages["back"]
+
+
+def test_a_symlink_to_a_folder_outside_the_root_is_walked(tmp_path):
+    touch(tmp_path / "elsewhere" / "b.jpg")
+    root = tmp_path / "root"
+    touch(root / "a.jpg")
+    (root / "ext").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    problems = []
+    assert rels(root, problems=problems) == ["a.jpg", "ext/b.jpg"] and problems == []
+
+
+def test_non_regular_files_are_reported_never_opened(tmp_path, monkeypatch):
+    touch(tmp_path / "real.jpg")
+    os.mkfifo(tmp_path / "pipe.jpg")
+    os.mkfifo(tmp_path / "pipe.dat")
+    (tmp_path / "link.jpg").symlink_to(tmp_path / "pipe.jpg")
+    monkeypatch.chdir(tmp_path)  # a relative name: AF_UNIX paths are limited to ~100 bytes
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind("sock.png")
+        report, problems = WalkReport(), []
+        assert rels(tmp_path, report=report, problems=problems) == ["real.jpg"]
+    assert [(f.rel, f.kind, f.path) for f in report.special] == [
+        ("link.jpg", "FIFO", tmp_path / "link.jpg"), ("pipe.jpg", "FIFO", tmp_path / "pipe.jpg"),
+        ("sock.png", "socket", tmp_path / "sock.png")]
+    assert report.other_special == {"FIFO": 1} and not report.other_types and problems == []
+
+
+def test_files_of_other_types_are_counted_but_not_sidecars_hidden_excluded_or_inputs(tmp_path):
+    for name in ["a.jpg", "a.txt", "b.txt", "m1.mp4", "m2.MP4", "doc.pdf", "README", ".hidden.mp4",
+                 "raw/x.psd", "caps.jsonl", "sub/c.png", "sub/c.txt", "sub/d.ico"]:
+        touch(tmp_path / name)
+    report = WalkReport()
+    rels(tmp_path, exclude=["raw"], report=report, not_counted=[tmp_path / "caps.jsonl"])
+    assert report.other_types == {".mp4": 2, ".txt": 1, ".pdf": 1, "": 1, ".ico": 1}
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EIO])
+def test_a_folder_that_cannot_be_listed_is_reported_and_nothing_under_it_counts_as_missing(
+        tmp_path, monkeypatch, code):
+    touch(tmp_path / "top.jpg")
+    touch(tmp_path / "sub" / "inner.jpg")
+    scandir = os.scandir
+
+    def failing(path):
+        if Path(path).name == "sub":
+            raise OSError(code, os.strerror(code), str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", failing)
+    report, problems = WalkReport(), []
+    assert rels(tmp_path, report=report, problems=problems) == ["top.jpg"]
+    assert report.unread_dirs == {"sub/"}
+    assert report.unseen("sub/inner.jpg") and report.unseen("sub/deeper/x.jpg")
+    assert not report.unseen("top.jpg") and not report.unseen("subway.jpg")
+    assert [p.message for p in problems] == [f"cannot read directory: {os.strerror(code)}; "
+                                             "what was indexed under it is kept"]
+
+
+def test_a_broken_symlink_keeps_what_was_indexed_under_its_name(tmp_path):
+    (tmp_path / "disk").symlink_to(tmp_path / "unmounted", target_is_directory=True)
+    (tmp_path / "one.jpg").symlink_to(tmp_path / "unmounted.jpg")
+    report, problems = WalkReport(), []
+    assert rels(tmp_path, report=report, problems=problems) == []
+    assert report.unseen("disk/a/b.jpg") and report.unseen("one.jpg") and not report.unseen("other.jpg")
+    assert [p.message for p in problems] == ["broken symlink, its target is missing; what was indexed under this "
+                                             "name is kept"] * 2
 
 
 def test_sidecar_captions_one_per_nonempty_line(tmp_path):
