@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .build import check_trainable, finish
 from .catalog import CAPTION, TEXT, ImageWrite, TextWrite
-from .decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_MEGAPIXELS, DecodedBatch, DecodeTask, iter_decoded
+from .decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_MEGAPIXELS, Decoded, DecodedBatch, DecodeTask, iter_decoded
 from .encoder import Encoder, sha256_file
 from .errors import Interrupted, SourceError
 from .plan import EncodeJob, ImagePlan, plan_images, plan_texts
@@ -88,6 +88,7 @@ class IndexSummary:
     images_per_second: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    warned: dict[str, list[str]] = field(default_factory=dict)  # file -> what the image libraries said decoding it
     build: dict | None = None  # what training and tuning did (indexer.build.BuildReport)
 
     def as_dict(self) -> dict:
@@ -268,7 +269,7 @@ def _encode_images(run: _Run, root_id: int, jobs: list[EncodeJob]) -> None:
             for item in batch.failed:
                 job = jobs[item.key]
                 writes.append(ImageWrite(job.file.rel, job.file.size, job.file.mtime_ns, item.sha256,
-                                         error=item.error, id=job.item_id))
+                                         error=item.error, id=job.item_id, warnings=_warnings(run, job, item)))
                 run.problems.append(Problem(str(job.file.path), item.error or "unreadable"))
             summary.skipped += len(batch.failed)
 
@@ -277,7 +278,8 @@ def _encode_images(run: _Run, root_id: int, jobs: list[EncodeJob]) -> None:
             for item, vector in zip(batch.ok, vectors):
                 job = jobs[item.key]
                 writes.append(ImageWrite(job.file.rel, job.file.size, job.file.mtime_ns, item.sha256,
-                                         item.width, item.height, vector=vector, id=job.item_id))
+                                         item.width, item.height, vector=vector, id=job.item_id,
+                                         warnings=_warnings(run, job, item)))
                 if job.item_id is None:
                     summary.added += 1
                 else:
@@ -294,6 +296,14 @@ def _encode_images(run: _Run, root_id: int, jobs: list[EncodeJob]) -> None:
             run.check_stop()
     finally:
         bar.close()
+
+
+def _warnings(run: _Run, job: EncodeJob, item: Decoded) -> str | None:
+    """The file's library warnings as the catalog keeps them (one per line), noted in the summary too."""
+    if not item.warnings:
+        return None
+    run.summary.warned[str(job.file.path)] = item.warnings
+    return "\n".join(item.warnings)
 
 
 def _reuse_or_encode(run: _Run, modality: str, hashes: list[str],

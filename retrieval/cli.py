@@ -58,10 +58,13 @@ def cli() -> None:
 @click.option("--flush-seconds", type=click.FloatRange(0), default=30.0, show_default=True,
               help="How often vector files are written during a run (the catalog commits every batch).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("-v", "--verbose", is_flag=True, help="After the run, list each file the image libraries warned "
+                                                    "about, with what they said.")
 @json_option
 @domain_errors
 def index_cmd(root, embeddings, images_root, index_dir, model, pretrained, device, captions, texts, include_hidden,
-              exclude, batch_size, workers, spec, max_megapixels, decode_timeout, flush_seconds, progress, as_json):
+              exclude, batch_size, workers, spec, max_megapixels, decode_timeout, flush_seconds, progress, verbose,
+              as_json):
     """Index the images (and captions) under ROOT; re-run to update incrementally.
 
     \b
@@ -100,6 +103,21 @@ def index_cmd(root, embeddings, images_root, index_dir, model, pretrained, devic
     click.echo(f"  {summary.seconds:.2f}s{rate}: {stages}")
     if summary.build:
         echo_build(summary.build)
+    _echo_library_warnings(summary.warned, verbose)
+
+
+def _echo_library_warnings(warned: dict[str, list[str]], verbose: bool) -> None:
+    if not warned:
+        return
+    if not verbose:
+        click.echo(f"  {len(warned)} file{'s' * (len(warned) != 1)} had library warnings "
+                   "(see --verbose, or crossmodal info --warnings)")
+        return
+    click.echo(f"library warnings ({len(warned)} files):")
+    for path, lines in warned.items():
+        click.echo(f"  {path}")
+        for line in lines:
+            click.echo(f"      {line}")
 
 
 @cli.command("search")
@@ -157,15 +175,21 @@ def _print_hits(hits: list[Hit]) -> None:
 @cli.command("info")
 @index_option
 @click.option("--skipped", is_flag=True, help="List the files that could not be indexed, with the reason.")
+@click.option("--warnings", "warned", is_flag=True,
+              help="List the files the image libraries warned about while decoding, with what they said.")
 @json_option
 @domain_errors
-def info_cmd(index_dir, skipped, as_json):
+def info_cmd(index_dir, skipped, warned, as_json):
     """Show the model, counts, index type and sizes of an index."""
     with IndexStore.open(index_dir) as store:
         info = store.info()
         skipped_items = [{"path": v.path, "error": v.error} for v in store.catalog.skipped()] if skipped else None
+        warned_items = [{"path": v.path, "warnings": v.warnings.splitlines()}
+                        for v in store.catalog.images() if v.warnings] if warned else None
     if skipped_items is not None:
         info["skipped"] = skipped_items
+    if warned_items is not None:
+        info["warnings"] = warned_items
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -184,6 +208,10 @@ def info_cmd(index_dir, skipped, as_json):
     click.echo("disk:     " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in info["disk_bytes"].items()))
     for item in skipped_items or []:
         click.echo(f"skipped:  {item['path']}: {item['error']}")
+    for item in warned_items or []:
+        click.echo(f"warnings: {item['path']}")
+        for line in item["warnings"]:
+            click.echo(f"      {line}")
 
 
 @cli.command("eval")
