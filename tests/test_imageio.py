@@ -1,19 +1,25 @@
 """Reading image files: deep images scaled by their range, stable messages, our pixel bound before
-Pillow's, library chatter captured per file."""
+Pillow's, library chatter captured per file, and every picture format we index."""
 
+import importlib.util
 import io
 import os
 import struct
+import subprocess
+import sys
 import warnings
 import zlib
 from pathlib import Path
 
 import numpy as np
+import pillow_heif
 import pytest
 from PIL import Image
 
+from indexer import imageio
 from indexer.decode import DecodeTask, decode_file
 from indexer.imageio import MAX_WARNINGS, NotAnImage, TooLarge, library_output, open_image
+from indexer.sources import IMAGE_EXTENSIONS
 
 
 def as_array(image):
@@ -212,3 +218,69 @@ def test_warnings_are_deduplicated_and_capped():
     lines = said.capped()
     assert lines[:2] == ["warning 0", "warning 1"] and len(lines) == MAX_WARNINGS + 1
     assert lines[-1] == "... 10 more"
+
+
+# -- formats -----------------------------------------------------------------------------------------
+BLOCKS = np.array([[[200, 30, 30], [30, 200, 30]], [[30, 30, 200], [220, 220, 40]]], np.uint8)
+SOURCE = Image.fromarray(np.kron(BLOCKS, np.ones((16, 16, 1), np.uint8)))  # four 16x16 colour blocks
+
+
+def psd(image, path):
+    """An RGB Photoshop file, no layers: the merged image, raw and planar (Pillow reads PSD, cannot write it)."""
+    planes = np.asarray(image).transpose(2, 0, 1)
+    header = b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, image.height, image.width, 8, 3)
+    path.write_bytes(header + struct.pack(">III", 0, 0, 0) + struct.pack(">H", 0) + planes.tobytes())
+
+
+FORMATS = {
+    ".jp2": lambda p: SOURCE.save(p, format="JPEG2000"),
+    ".j2k": lambda p: SOURCE.save(p, format="JPEG2000"),
+    ".jpx": lambda p: SOURCE.save(p, format="JPEG2000"),
+    ".ppm": lambda p: SOURCE.save(p, format="PPM"),
+    ".pgm": lambda p: SOURCE.convert("L").save(p, format="PPM"),
+    ".pbm": lambda p: SOURCE.convert("L").point(lambda v: 255 * (v > 100)).convert("1").save(p, format="PPM"),
+    ".pnm": lambda p: SOURCE.save(p, format="PPM"),
+    ".tga": lambda p: SOURCE.save(p, format="TGA"),
+    ".ico": lambda p: SOURCE.save(p, format="ICO", sizes=[(32, 32)]),
+    ".psd": lambda p: psd(SOURCE, p),
+    ".heic": lambda p: pillow_heif.from_pillow(SOURCE).save(p, quality=95),
+    ".heif": lambda p: pillow_heif.from_pillow(SOURCE).save(p, quality=95),
+    ".avif": lambda p: SOURCE.save(p, format="AVIF", quality=95),
+}
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_picture_formats_are_indexed_and_decode_to_their_colours(tmp_path, suffix):
+    assert suffix in IMAGE_EXTENSIONS
+    path = tmp_path / f"picture{suffix}"
+    FORMATS[suffix](path)
+    pixels = decoded_pixels(path).astype(int)
+    reference = SOURCE
+    if suffix in (".pgm", ".pbm"):
+        reference = Image.open(path).convert("RGB")  # the gray / bilevel image the file holds
+    assert pixels.shape == (32, 32, 3)
+    # Block centres: lossy codecs (AVIF, HEIC subsample colour) blur the edges between blocks.
+    centres = np.s_[4:12, 4:12], np.s_[4:12, 20:28], np.s_[20:28, 4:12], np.s_[20:28, 20:28]
+    for block in centres:
+        expected = np.asarray(reference, dtype=int)[block].mean(axis=(0, 1))
+        assert np.abs(pixels[block].mean(axis=(0, 1)) - expected).max() < 6, (block, pixels[block][0, 0])
+
+
+def test_pillow_heif_is_loaded_only_when_a_heif_file_needs_it(tmp_path):
+    SOURCE.save(tmp_path / "a.png")
+    FORMATS[".heic"](tmp_path / "b.heic")
+    # imageio.py on its own, in a fresh interpreter: `import indexer` would load torch, which is slow.
+    script = f"""
+import importlib.util, sys
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("imageio_alone", {str(Path(imageio.__file__))!r})
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+module.open_image(Path({str(tmp_path / 'a.png')!r}))
+print("pillow_heif" in sys.modules, end=" ")
+print(module.open_image(Path({str(tmp_path / 'b.heic')!r})).getpixel((4, 4)), end=" ")
+print("pillow_heif" in sys.modules)
+"""
+    assert importlib.util.find_spec("pillow_heif") is not None
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "False" and out[-1] == "True"
