@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .build import check_trainable, finish
 from .catalog import CAPTION, TEXT, ImageState, ImageWrite, TextWrite
-from .decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_MEGAPIXELS, DecodedBatch, DecodeTask
+from .decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_MEGAPIXELS, Decoded, DecodedBatch, DecodeTask
 from .decoders import iter_decoded
 from .encoder import Encoder, sha256_file
 from .errors import Interrupted, SourceError
@@ -101,6 +101,7 @@ class IndexSummary:
     other_types: dict[str, int] = field(default_factory=dict)  # extension -> files not indexed, most first
     special_files: dict[str, int] = field(default_factory=dict)  # kind -> FIFOs, sockets, devices not read
     problems: list[str] = field(default_factory=list)
+    warned: dict[str, list[str]] = field(default_factory=dict)  # file -> what the image libraries said decoding it
     build: dict | None = None  # what training and tuning did (indexer.build.BuildReport)
 
     def as_dict(self) -> dict:
@@ -315,7 +316,7 @@ def _encode_images(run: _Run, root_id: int, jobs: list[EncodeJob]) -> None:
                     run.problems.append(Problem(str(job.file.path), "vanished before it could be read"))
                     continue
                 writes.append(ImageWrite(job.file.rel, job.file.size, job.file.mtime_ns, item.sha256,
-                                         error=item.error, id=job.item_id,
+                                         error=item.error, id=job.item_id, warnings=_warnings(run, job, item),
                                          skip_info=skip_info(item.cause, run.retry)))
                 run.problems.append(Problem(str(job.file.path), item.error or "unreadable"))
             summary.skipped += len(writes)
@@ -325,7 +326,8 @@ def _encode_images(run: _Run, root_id: int, jobs: list[EncodeJob]) -> None:
             for item, vector in zip(batch.ok, vectors):
                 job = jobs[item.key]
                 writes.append(ImageWrite(job.file.rel, job.file.size, job.file.mtime_ns, item.sha256,
-                                         item.width, item.height, vector=vector, id=job.item_id))
+                                         item.width, item.height, vector=vector, id=job.item_id,
+                                         warnings=_warnings(run, job, item)))
                 if job.item_id is None:
                     summary.added += 1
                 else:
@@ -342,6 +344,14 @@ def _encode_images(run: _Run, root_id: int, jobs: list[EncodeJob]) -> None:
             run.check_stop()
     finally:
         bar.close()
+
+
+def _warnings(run: _Run, job: EncodeJob, item: Decoded) -> str | None:
+    """The file's library warnings as the catalog keeps them (one per line), noted in the summary too."""
+    if not item.warnings:
+        return None
+    run.summary.warned[str(job.file.path)] = item.warnings
+    return "\n".join(item.warnings)
 
 
 def _reuse_or_encode(run: _Run, modality: str, hashes: list[str],

@@ -20,7 +20,13 @@ from pathlib import Path
 
 from .errors import SourceError
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# Every format Pillow reads (pillow-heif adds HEIF/HEIC) that people keep photos and pictures in; not
+# fonts, PDFs, textures or scientific containers, which it also opens.
+IMAGE_EXTENSIONS = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".png", ".apng", ".webp", ".bmp", ".dib", ".gif", ".tif", ".tiff",
+    ".jp2", ".j2k", ".jpx", ".jpf", ".jpc", ".j2c", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".psd",
+    ".pcx", ".qoi", ".heic", ".heif", ".hif", ".avif",
+})
 SIDECAR_SUFFIX = ".txt"
 
 

@@ -69,11 +69,13 @@ def cli() -> None:
 @click.option("--flush-seconds", type=click.FloatRange(0), default=30.0, show_default=True,
               help="How often vector files are written during a run (the catalog commits every batch).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("-v", "--verbose", is_flag=True, help="After the run, list each file the image libraries warned "
+                                                    "about, with what they said.")
 @json_option
 @domain_errors
 def index_cmd(root, embeddings, images_root, index_dir, model, pretrained, device, captions, texts, include_hidden,
               exclude, batch_size, workers, spec, max_megapixels, decode_timeout, retry_skipped, allow_empty,
-              flush_seconds, progress, as_json):
+              flush_seconds, progress, verbose, as_json):
     """Index the images (and captions) under ROOT; re-run to update incrementally.
 
     \b
@@ -99,7 +101,7 @@ def index_cmd(root, embeddings, images_root, index_dir, model, pretrained, devic
     if as_json:
         click.echo(json.dumps(summary.as_dict(), indent=2))
         return
-    _print_index_summary(summary)
+    _print_index_summary(summary, verbose)
 
 
 def _counted(counts: dict[str, int], shown: int = 8) -> str:
@@ -112,7 +114,7 @@ def _files(count: int, singular: str, plural: str | None = None) -> str:
     return f"{count:,} {singular if count == 1 else plural or singular + 's'}"
 
 
-def _print_index_summary(summary: IndexSummary) -> None:
+def _print_index_summary(summary: IndexSummary, verbose: bool = False) -> None:
     for problem in summary.problems:
         click.echo(f"warning: {printable(problem)}", err=True)
     click.echo(f"indexed {printable(summary.root)} into {printable(summary.index)}")
@@ -139,6 +141,21 @@ def _print_index_summary(summary: IndexSummary) -> None:
     click.echo(f"  {summary.seconds:.2f}s{rate}: {stages}")
     if summary.build:
         echo_build(summary.build)
+    _echo_library_warnings(summary.warned, verbose)
+
+
+def _echo_library_warnings(warned: dict[str, list[str]], verbose: bool) -> None:
+    if not warned:
+        return
+    if not verbose:
+        click.echo(f"  {len(warned)} file{'s' * (len(warned) != 1)} had library warnings "
+                   "(see --verbose, or crossmodal info --warnings)")
+        return
+    click.echo(f"library warnings ({len(warned)} files):")
+    for path, lines in warned.items():
+        click.echo(f"  {printable(path)}")
+        for line in lines:
+            click.echo(f"      {printable(line)}")
 
 
 @cli.command("search")
@@ -196,15 +213,21 @@ def _print_hits(hits: list[Hit]) -> None:
 @cli.command("info")
 @index_option
 @click.option("--skipped", is_flag=True, help="List the files that could not be indexed, with the reason.")
+@click.option("--warnings", "warned", is_flag=True,
+              help="List the files the image libraries warned about while decoding, with what they said.")
 @json_option
 @domain_errors
-def info_cmd(index_dir, skipped, as_json):
+def info_cmd(index_dir, skipped, warned, as_json):
     """Show the model, counts, index type and sizes of an index."""
     with IndexStore.open(index_dir) as store:
         info = store.info()
         skipped_items = [{"path": v.path, "error": v.error} for v in store.catalog.skipped()] if skipped else None
+        warned_items = [{"path": v.path, "warnings": v.warnings.splitlines()}
+                        for v in store.catalog.images() if v.warnings] if warned else None
     if skipped_items is not None:
         info["skipped"] = skipped_items
+    if warned_items is not None:
+        info["warnings"] = warned_items
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -224,6 +247,10 @@ def info_cmd(index_dir, skipped, as_json):
     click.echo("disk:     " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in info["disk_bytes"].items()))
     for item in skipped_items or []:
         click.echo(f"skipped:  {printable(item['path'])}: {printable(item['error'])}")
+    for item in warned_items or []:
+        click.echo(f"warnings: {printable(item['path'])}")
+        for line in item["warnings"]:
+            click.echo(f"      {printable(line)}")
 
 
 @cli.command("eval")

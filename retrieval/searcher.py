@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from indexer.decode import DRAFT_FACTOR, open_image
+from indexer.decode import DRAFT_FACTOR
 from indexer.encoder import Encoder
 from indexer.errors import QueryError
+from indexer.imageio import NotARegularFile, TooLarge, library_output, open_image, to_rgb
 from indexer.spec import IndexSpec
 from indexer.store import MODALITIES, IndexStore, encoder_for
 from indexer.vectors import VectorStore, gpu_wanted
@@ -101,17 +102,25 @@ class Searcher:
 
     def search_image(self, image: str | Path | Image.Image, *, to: str = "text", k: int = 10) -> list[Hit]:
         _check_k(k)
-        if not isinstance(image, Image.Image):
-            path = Path(image)
-            try:
-                image = open_image(path, self.encoder.image_size * DRAFT_FACTOR)
-            except FileNotFoundError:
-                raise QueryError(f"query image not found: {path}") from None
-            except Exception as exc:  # PIL raises many types for a file that is not an image
-                raise QueryError(f"cannot read query image {path}: {exc}") from None
-        elif image.mode != "RGB":
-            image = image.convert("RGB")
+        image = self._query_image(Path(image)) if not isinstance(image, Image.Image) else to_rgb(image)
         return self.search_vectors(self.encoder.encode_pil([image]), to=to, k=k)[0]
+
+    def _query_image(self, path: Path) -> Image.Image:
+        draft_size = self.encoder.image_size * DRAFT_FACTOR  # loads the model first: its warnings are not the file's
+        try:
+            with library_output() as said:
+                image = open_image(path, draft_size)
+        except FileNotFoundError:
+            raise QueryError(f"query image not found: {path}") from None
+        except NotARegularFile as exc:  # reading a FIFO or a device would wait forever
+            raise QueryError(f"cannot read query image {path}: it is {exc.kind}, not a regular file") from None
+        except TooLarge as exc:
+            raise QueryError(f"cannot read query image {path}: {exc.width}x{exc.height} is {exc.megapixels:.3g} "
+                             f"megapixels, over the {exc.max_megapixels:g}-megapixel limit for query images") from None
+        except Exception as exc:  # PIL raises many types for a file that is not an image
+            raise QueryError(f"cannot read query image {path}: {exc}") from None
+        self.notes += [f"query image: {line}" for line in said.capped()]
+        return image
 
     def search_vectors(self, queries: np.ndarray, *, to: str = "image", k: int = 10) -> list[list[Hit]]:
         """Search with a batch of query vectors (N, dim); they are L2-normalised here."""

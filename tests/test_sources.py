@@ -100,11 +100,11 @@ def test_non_regular_files_are_reported_never_opened(tmp_path, monkeypatch):
 
 def test_files_of_other_types_are_counted_but_not_sidecars_hidden_excluded_or_inputs(tmp_path):
     for name in ["a.jpg", "a.txt", "b.txt", "m1.mp4", "m2.MP4", "doc.pdf", "README", ".hidden.mp4",
-                 "raw/x.psd", "caps.jsonl", "sub/c.png", "sub/c.txt", "sub/d.ico"]:
+                 "raw/x.psd", "caps.jsonl", "sub/c.png", "sub/c.txt", "sub/d.xcf"]:
         touch(tmp_path / name)
     report = WalkReport()
     rels(tmp_path, exclude=["raw"], report=report, not_counted=[tmp_path / "caps.jsonl"])
-    assert report.other_types == {".mp4": 2, ".txt": 1, ".pdf": 1, "": 1, ".ico": 1}
+    assert report.other_types == {".mp4": 2, ".txt": 1, ".pdf": 1, "": 1, ".xcf": 1}
 
 
 @pytest.mark.parametrize("code", [errno.EACCES, errno.EIO])
