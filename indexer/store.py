@@ -17,7 +17,7 @@ import numpy as np
 
 from .catalog import Catalog, IndexMeta, utc_now
 from .encoder import DEFAULT_MODEL, Encoder, ModelIdentity, default_pretrained, load_encoder, load_encoder_for
-from .errors import CrossmodalError, IndexLocked, IndexNotFound
+from .errors import CatalogDamaged, CrossmodalError, IndexLocked, IndexNotFound
 from .spec import IndexSpec
 from .vectors import StaleVectorFile, VectorStore
 
@@ -58,8 +58,13 @@ class IndexStore:
                 "(or set CROSSMODAL_INDEX)"
             )
         store = cls(directory, Catalog(directory / CATALOG_FILE))
-        if store.catalog.meta() is None:
-            raise IndexNotFound(f"the index at {directory} is empty: no run has finished writing its model yet")
+        try:
+            if store.catalog.meta() is None:
+                store._refuse_orphaned_vector_files()
+                raise IndexNotFound(f"the index at {directory} is empty: no run has finished writing its model yet")
+        except BaseException:
+            store.close()
+            raise
         return store
 
     @classmethod
@@ -79,6 +84,7 @@ class IndexStore:
             store = cls(directory, Catalog(directory / CATALOG_FILE), lock_fd)
             meta = store.catalog.meta()
             if meta is None:
+                store._refuse_orphaned_vector_files()
                 store.catalog.set_meta(IndexMeta(
                     identity.name, identity.pretrained, identity.checkpoint_sha256, identity.checkpoint_path,
                     identity.embed_dim, identity.open_clip_version, (spec or IndexSpec()).to_json(), utc_now()))
@@ -101,6 +107,13 @@ class IndexStore:
         cls.open(directory).close()  # the same clear errors for a missing or empty index
         lock_fd = _acquire_lock(directory)
         return cls(directory, Catalog(directory / CATALOG_FILE), lock_fd)
+
+    def _refuse_orphaned_vector_files(self) -> None:
+        """For a catalog that records no model. The model is recorded before any vector is written, so
+        vector files beside such a catalog mean it was emptied or replaced: the index is gone from it."""
+        held = [self.vector_path(m).name for m in MODALITIES if self.vector_path(m).exists()]
+        if held:
+            raise CatalogDamaged(self.directory / CATALOG_FILE, [f"it records no index, yet {held[0]} is there"])
 
     def set_spec(self, spec: IndexSpec) -> None:
         """Record the index type (after a reindex, or once auto has chosen and tuned one)."""
