@@ -59,3 +59,7 @@ class CatalogDamaged(CatalogError):
         super().__init__(f"the catalog {self.path} is damaged ({'; '.join(self.problems[:3])}); it holds the "
                          "index's vectors, so `crossmodal verify --repair` cannot rebuild it: restore it from a "
                          "backup, or move the index folder aside and build the index again with `crossmodal index`")
+
+
+class VectorFileError(CrossmodalError):
+    """A vector file (``image.faiss``, ``text.faiss``) that cannot be read: truncated, overwritten, not an index."""

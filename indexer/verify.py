@@ -18,7 +18,7 @@ import numpy as np
 
 from .build import finish
 from .catalog import SCHEMA_VERSION
-from .errors import CatalogDamaged, CrossmodalError
+from .errors import CatalogDamaged, VectorFileError
 from .sources import filesystem_path
 from .spec import LEARNED
 from .store import CATALOG_FILE, MODALITIES, IndexStore, leftover_temp_files
@@ -71,11 +71,8 @@ def _check_vectors(store: IndexStore, modality: str) -> VectorCheck:
         return check
     try:
         held = VectorStore.load(path, store.spec, store.meta.embed_dim)
-    except StaleVectorFile as exc:
+    except (StaleVectorFile, VectorFileError) as exc:
         check.problem = str(exc)
-        return check
-    except CrossmodalError as exc:
-        check.problem = f"{path.name} cannot be read: {exc}"
         return check
     ids = held.ids()
     if store.spec.kind == "hnsw":  # tombstones are ids the catalog dropped, filtered until the graph is rebuilt

@@ -1,4 +1,4 @@
-"""A damaged catalog ends every command with one line that says which file and what to do.
+"""A damaged catalog or vector file ends every command with one line that says which file and what to do.
 
 The catalog is damaged for real (garbage, another kind of file, truncated, pages overwritten in the
 middle), and the real commands run on it through the CLI.
@@ -136,3 +136,53 @@ def test_a_sound_catalog_passes_quick_check(invoke, indexed):
     result = invoke("verify", "--json")
     report = json.loads(result.output)
     assert result.exit_code == 0 and report["catalog_problems"] == [] and report["catalog_damaged"] is None
+
+
+# -- vector files ------------------------------------------------------------------------------------------------
+
+def cut(path, how: str) -> None:
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[:len(data) // 2], "empty": b"", "garbage": os.urandom(len(data))}[how])
+
+
+def ranked(result) -> tuple[list[int], list[float]]:
+    hits = json.loads(result.stdout)
+    return [hit["id"] for hit in hits], [hit["score"] for hit in hits]
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "lsh"])
+@pytest.mark.parametrize("how", ["truncated", "empty", "garbage"])
+def test_a_damaged_vector_file_is_named_searched_around_and_repaired(invoke, photo_dir, tmp_path, kind, how):
+    invoke("index", photo_dir, "--workers", "0", "--no-progress", "--index-type", kind, ok=True)
+    path = tmp_path / "idx" / "image.faiss"
+    expected = ranked(invoke("search", "a first caption", "--json", ok=True))
+    cut(path, how)
+    message = f"the vector file {path} is damaged"
+
+    result = invoke("verify")  # a problem of the report, not a crash
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    image_line = next(line for line in result.output.splitlines() if line.startswith("image:"))
+    assert message in image_line and "`crossmodal verify --repair` rebuilds it" in image_line, image_line
+    assert "(Success)" not in result.output and "No such file" not in result.output
+    assert result.output.splitlines()[-1] == "problems found; run with --repair"
+
+    # The catalog is the source of truth and vector files are derived: search answers from its vectors, and says so.
+    result = invoke("search", "a first caption", "--json")
+    assert result.exit_code == 0, result.output
+    ids, scores = ranked(result)
+    assert ids == expected[0] and scores == pytest.approx(expected[1], abs=1e-5)  # lsh: exact now, re-ranked before
+    assert message in result.stderr and "this search used the catalog's vectors" in result.stderr
+    result = invoke("info")
+    assert result.exit_code == 0 and message in result.stderr and "vectors:  6 image" in result.stdout
+
+    result = invoke("verify", "--repair")
+    assert result.exit_code == 0 and "repaired: rebuilt image.faiss" in result.output, result.output
+    assert invoke("verify").exit_code == 0
+    assert invoke("search", "a first caption").stderr == ""
+
+
+def test_an_index_run_replaces_a_damaged_vector_file(invoke, photo_dir, tmp_path):
+    invoke("index", photo_dir, "--workers", "0", "--no-progress", ok=True)
+    cut(tmp_path / "idx" / "image.faiss", "truncated")
+    invoke("index", photo_dir, "--workers", "0", "--no-progress", ok=True)
+    assert invoke("verify").exit_code == 0
