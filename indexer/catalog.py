@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
 
-from .errors import SchemaError
+from .errors import CatalogDamaged, SchemaError
 
 IMAGE, CAPTION, TEXT = "image", "caption", "text"
 TEXT_KINDS = (CAPTION, TEXT)
@@ -99,6 +100,12 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+
+# SQLite's primary result codes for a file that is not (or no longer) a sound database.
+SQLITE_CORRUPT, SQLITE_NOTADB = 11, 26
+# Python before 3.11 gives no result code, only the message; a text column that is not UTF-8 can only
+# come from damage, since the catalog stores undecodable file names escaped.
+DAMAGE_MESSAGES = ("file is not a database", "database disk image is malformed", "could not decode to utf-8")
 
 
 class Base(DeclarativeBase):
@@ -277,10 +284,46 @@ class Catalog:
         self.path = Path(path)
         self.engine: Engine = create_engine(f"sqlite:///{self.path}", future=True)
         event.listen(self.engine, "connect", _configure_connection)
+        event.listen(self.engine, "handle_error", self._raise_if_damaged)
         self._migrate()
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def _raise_if_damaged(self, context) -> None:
+        """Every statement's error passes here (connecting too): damage becomes one typed error."""
+        if is_damage(context.original_exception):
+            raise CatalogDamaged(self.path, [str(context.original_exception)]) from None
+
+    def quick_check(self, limit: int = 5) -> list[str]:
+        """The first ``limit`` problems SQLite's ``PRAGMA quick_check`` finds (every page and row); [] if none."""
+        try:
+            return self._quick_check(str(int(limit)))[:limit]
+        except CatalogDamaged as whole:
+            # SQLite gives up, listing nothing, at a table it cannot scan: check table by table to say which.
+            return (self._quick_check_tables() or whole.problems)[:limit]
+
+    def _quick_check_tables(self) -> list[str]:
+        try:
+            with self.engine.connect() as conn:
+                tables = list(conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'table'").scalars())
+        except CatalogDamaged:
+            return []
+        problems = []
+        for table in tables:
+            try:
+                lines = self._quick_check("'" + table.replace("'", "''") + "'")
+            except CatalogDamaged as exc:
+                lines = exc.problems
+            problems += [f"table {table}: {line}" for line in lines]
+        return problems
+
+    def _quick_check(self, argument: str) -> list[str]:
+        with self.engine.connect() as conn:
+            rows = [str(row[0]) for row in conn.exec_driver_sql(f"PRAGMA quick_check({argument})")]
+        lines = [line.strip() for row in rows for line in row.splitlines()]
+        lines = [line for line in lines if line and line != "*** in database main ***"]
+        return [] if lines == ["ok"] else lines
 
     # -- schema -------------------------------------------------------------------------------
     def _migrate(self) -> None:
@@ -308,6 +351,10 @@ class Catalog:
                 record = f"INSERT INTO schema_version VALUES ({version}, '{utc_now()}')"
                 script = f"BEGIN; {MIGRATIONS[version - 1]}; {record}; COMMIT;"
                 raw.driver_connection.executescript(script)
+            except sqlite3.DatabaseError as exc:  # the raw connection bypasses handle_error
+                if is_damage(exc):
+                    raise CatalogDamaged(self.path, [str(exc)]) from None
+                raise
             finally:
                 raw.close()
 
@@ -448,6 +495,8 @@ class Catalog:
         out = np.empty((len(ids), dim), dtype=np.float32)
         for row, item_id in enumerate(ids):
             blob = found.get(int(item_id)) if not strict else found[int(item_id)]
+            if blob is not None and len(blob) != dim * 4:  # a row SQLite read back but damage changed
+                raise CatalogDamaged(self.path, [f"the vector of item {item_id} has {len(blob)} bytes, not {dim * 4}"])
             out[row] = np.nan if blob is None else np.frombuffer(blob, dtype=np.float32)
         return out
 
@@ -511,6 +560,16 @@ class Catalog:
             ids = list(s.scalars(select(ItemRow.id).where(ItemRow.error.is_not(None)).order_by(ItemRow.id)))
         views = self.items(ids)
         return [views[i] for i in ids]
+
+
+def is_damage(exc: BaseException) -> bool:
+    """Whether a DB-API error says the file is not a sound SQLite database (not: locked, full, read-only)."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and (code & 0xFF) in (SQLITE_CORRUPT, SQLITE_NOTADB):  # extended codes too
+        return True
+    return any(message in str(exc).lower() for message in DAMAGE_MESSAGES)
 
 
 def _absolute(root: str, rel: str) -> str:

@@ -39,3 +39,27 @@ class SchemaError(CrossmodalError):
 
 class Interrupted(CrossmodalError):
     """The user asked a run to stop (Ctrl-C); what was committed is kept."""
+
+
+class CatalogError(CrossmodalError):
+    """The catalog (``catalog.sqlite``) cannot be used as it is."""
+
+
+class CatalogDamaged(CatalogError):
+    """``catalog.sqlite`` is no longer a sound SQLite database: overwritten, truncated, or another kind of file.
+
+    ``problems`` are what SQLite said (the error, or the first lines of ``PRAGMA quick_check``).
+    """
+
+    def __init__(self, path, problems: list[str]):
+        self.path = str(path)
+        self.problems = list(problems)
+        # The vectors live in the catalog and the vector files are derived from it, so nothing in the
+        # index folder can rebuild it: say so instead of pointing at --repair.
+        super().__init__(f"the catalog {self.path} is damaged ({'; '.join(self.problems[:3])}); it holds the "
+                         "index's vectors, so `crossmodal verify --repair` cannot rebuild it: restore it from a "
+                         "backup, or move the index folder aside and build the index again with `crossmodal index`")
+
+
+class VectorFileError(CrossmodalError):
+    """A vector file (``image.faiss``, ``text.faiss``) that cannot be read: truncated, overwritten, not an index."""

@@ -17,7 +17,7 @@ import numpy as np
 
 from .catalog import Catalog, IndexMeta, utc_now
 from .encoder import DEFAULT_MODEL, Encoder, ModelIdentity, default_pretrained, load_encoder, load_encoder_for
-from .errors import CrossmodalError, IndexLocked, IndexNotFound
+from .errors import CatalogDamaged, CrossmodalError, IndexLocked, IndexNotFound, VectorFileError
 from .spec import IndexSpec
 from .vectors import StaleVectorFile, VectorStore
 
@@ -31,6 +31,7 @@ DEFAULT_INDEX_DIR = Path(".crossmodal")
 class SyncReport:
     added: int
     removed: int
+    problem: str | None = None  # the vector file could not be read and was rebuilt from the catalog in memory
 
 
 def identity_from_meta(meta: IndexMeta) -> ModelIdentity:
@@ -58,8 +59,13 @@ class IndexStore:
                 "(or set CROSSMODAL_INDEX)"
             )
         store = cls(directory, Catalog(directory / CATALOG_FILE))
-        if store.catalog.meta() is None:
-            raise IndexNotFound(f"the index at {directory} is empty: no run has finished writing its model yet")
+        try:
+            if store.catalog.meta() is None:
+                store._refuse_orphaned_vector_files()
+                raise IndexNotFound(f"the index at {directory} is empty: no run has finished writing its model yet")
+        except BaseException:
+            store.close()
+            raise
         return store
 
     @classmethod
@@ -79,6 +85,7 @@ class IndexStore:
             store = cls(directory, Catalog(directory / CATALOG_FILE), lock_fd)
             meta = store.catalog.meta()
             if meta is None:
+                store._refuse_orphaned_vector_files()
                 store.catalog.set_meta(IndexMeta(
                     identity.name, identity.pretrained, identity.checkpoint_sha256, identity.checkpoint_path,
                     identity.embed_dim, identity.open_clip_version, (spec or IndexSpec()).to_json(), utc_now()))
@@ -101,6 +108,13 @@ class IndexStore:
         cls.open(directory).close()  # the same clear errors for a missing or empty index
         lock_fd = _acquire_lock(directory)
         return cls(directory, Catalog(directory / CATALOG_FILE), lock_fd)
+
+    def _refuse_orphaned_vector_files(self) -> None:
+        """For a catalog that records no model. The model is recorded before any vector is written, so
+        vector files beside such a catalog mean it was emptied or replaced: the index is gone from it."""
+        held = [self.vector_path(m).name for m in MODALITIES if self.vector_path(m).exists()]
+        if held:
+            raise CatalogDamaged(self.directory / CATALOG_FILE, [f"it records no index, yet {held[0]} is there"])
 
     def set_spec(self, spec: IndexSpec) -> None:
         """Record the index type (after a reindex, or once auto has chosen and tuned one)."""
@@ -142,22 +156,25 @@ class IndexStore:
         """The modality's vector index, brought in line with the catalog in memory.
 
         A file of another kind than the catalog's spec (a reindex cut short) is ignored: the vectors
-        are taken from the catalog again, and the next write trains and saves the right kind.
+        are taken from the catalog again, and the next write trains and saves the right kind. So is a
+        damaged file, which the report then names; the next write replaces it.
         """
         path, spec, dim = self.vector_path(modality), self.spec, self.meta.embed_dim
-        vectors = VectorStore.empty(spec, dim)
+        vectors, problem = VectorStore.empty(spec, dim), None
         if path.exists():
             try:
                 vectors = VectorStore.load(path, spec, dim)
             except StaleVectorFile:
                 pass
+            except VectorFileError as exc:  # derived data: rebuilt from the catalog like a missing file
+                problem = str(exc)
         if vectors.dim != dim:
             raise CrossmodalError(f"{path} holds {vectors.dim}-d vectors but the catalog says {dim}-d; "
                                   "delete the file and re-run `crossmodal index` to rebuild it from the catalog")
         vectors.exact = functools.partial(self.fetch_vectors, strict=False)  # re-ranking tolerates deletions
         expected = self.catalog.vector_ids(modality)
         added, removed = vectors.sync(expected, self.fetch_vectors)
-        return vectors, SyncReport(added, removed)
+        return vectors, SyncReport(added, removed, problem)
 
     def fetch_vectors(self, ids, strict: bool = True) -> np.ndarray:
         """Stored (full, exact) vectors for catalog ids, in that order."""
@@ -179,6 +196,7 @@ class IndexStore:
     def info(self) -> dict:
         """What ``crossmodal info`` shows: model, counts, index kind, sizes, schema."""
         meta = self.meta
+        loaded = {m: self.load_vectors(m) for m in MODALITIES}
         return {
             "index": str(self.directory.resolve()),
             "model": {"name": meta.model_name, "pretrained": meta.pretrained,
@@ -186,7 +204,8 @@ class IndexStore:
                       "embed_dim": meta.embed_dim, "open_clip_version": meta.open_clip_version},
             "index_spec": json.loads(meta.index_spec),
             "counts": self.catalog.counts(),
-            "vectors": {m: len(self.load_vectors(m)[0]) for m in MODALITIES},
+            "vectors": {m: len(vectors) for m, (vectors, _) in loaded.items()},
+            "notes": [report.problem for _, report in loaded.values() if report.problem],
             "roots": self.catalog.roots(),
             "disk_bytes": self.disk_usage(),
             "schema_version": self.catalog.schema_version(),

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import io
 import os
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from .errors import CrossmodalError
+from .errors import CrossmodalError, VectorFileError
 from .spec import BINARY, LEARNED, MIN_TRAIN, TRAIN_SAMPLE, IndexSpec, TooFewVectors, nlist_for, pq_bytes_for
 
 OPQ_ITERATIONS = 20
@@ -53,7 +54,15 @@ class VectorStore:
 
     @classmethod
     def load(cls, path: Path, spec: IndexSpec, dim: int) -> VectorStore:
-        """Read a vector file written by :meth:`save` for ``spec``; a file of another kind is an error."""
+        """Read a vector file written by :meth:`save` for ``spec``; a file of another kind is an error.
+
+        Raises :class:`VectorFileError` for a file that is there but is not a whole vector file.
+        """
+        try:
+            with open(path, "rb"):  # a file we may not read is not a damaged one: say what the OS says
+                pass
+        except OSError as exc:
+            raise CrossmodalError(f"cannot read vector file {path}: {exc.strerror or exc}") from exc
         try:
             if spec.kind in BINARY:
                 with np.load(path) as parts:
@@ -61,8 +70,9 @@ class VectorStore:
                     index = faiss.deserialize_index_binary(parts["index"])
             else:
                 index, codec = faiss.read_index(str(path)), None
-        except (RuntimeError, OSError, ValueError, KeyError) as exc:
-            raise CrossmodalError(f"cannot read vector file {path}: {exc}") from exc
+        except (RuntimeError, OSError, ValueError, KeyError, EOFError, MemoryError, zipfile.BadZipFile) as exc:
+            # faiss's text ends in an errno that has nothing to do with the file, e.g. "(Success)"
+            raise _damaged(path) from exc
         expected = "binary" if spec.kind in BINARY else spec.kind
         if _kind_of(index) != expected or index.d != (spec.params.get("bits") if spec.kind in BINARY else dim):
             raise StaleVectorFile(f"{path} holds a {_kind_of(index)} index, the catalog says {spec.describe()}")
@@ -310,6 +320,16 @@ class VectorStore:
 
 class StaleVectorFile(CrossmodalError):
     """A vector file of another kind than the catalog's spec (a reindex was interrupted)."""
+
+
+def _damaged(path: Path) -> VectorFileError:
+    try:
+        size = Path(path).stat().st_size
+    except OSError:  # replaced meanwhile by a writer: what was read is still not a vector file
+        size = -1
+    what = "it is empty" if size == 0 else "faiss cannot read it: truncated or overwritten"
+    return VectorFileError(f"the vector file {path} is damaged ({what}); `crossmodal verify --repair` rebuilds it "
+                           "from the vectors in the catalog")
 
 
 def _new_index(spec: IndexSpec, dim: int):

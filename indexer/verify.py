@@ -1,10 +1,12 @@
 """``crossmodal verify``: is the index on disk whole, and can what is wrong be mended from stored data?
 
-Checks the catalog's schema version, that each vector file opens and holds exactly the catalog's
-vectors (each once), leftovers of interrupted writes, and image files gone from disk. ``repair``
-rebuilds vector files from the vectors stored in the catalog and removes temp files; images
-missing on disk are only reported, since re-running ``crossmodal index`` on their folder is what
-removes them (they may be on a drive that is not mounted).
+Checks the catalog file itself (SQLite's ``PRAGMA quick_check``) and its schema version, that each
+vector file opens and holds exactly the catalog's vectors (each once), leftovers of interrupted
+writes, and image files gone from disk. ``repair`` rebuilds vector files from the vectors stored in
+the catalog and removes temp files; images missing on disk are only reported, since re-running
+``crossmodal index`` on their folder is what removes them (they may be on a drive that is not
+mounted). A damaged catalog is reported and left alone: it is the source everything else is rebuilt
+from, so nothing here can rebuild it.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import numpy as np
 
 from .build import finish
 from .catalog import SCHEMA_VERSION
-from .errors import CrossmodalError
+from .errors import CatalogDamaged, VectorFileError
 from .sources import filesystem_path
 from .spec import LEARNED
-from .store import MODALITIES, IndexStore, leftover_temp_files
+from .store import CATALOG_FILE, MODALITIES, IndexStore, leftover_temp_files
 from .vectors import StaleVectorFile, VectorStore
 
 
@@ -40,17 +42,19 @@ class VectorCheck:
 @dataclass
 class VerifyReport:
     index: str
-    schema_version: int
+    schema_version: int | None  # None: the catalog is too damaged to tell
     schema_expected: int
     vectors: dict[str, VectorCheck] = field(default_factory=dict)
     missing_files: list[str] = field(default_factory=list)
     temp_files: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
+    catalog_problems: list[str] = field(default_factory=list)  # what SQLite finds wrong with catalog.sqlite
+    catalog_damaged: str | None = None  # then: the one-line message, with what to do
 
     @property
     def ok(self) -> bool:
-        return (self.schema_version == self.schema_expected and all(v.ok for v in self.vectors.values())
-                and not self.temp_files)
+        return (self.catalog_damaged is None and self.schema_version == self.schema_expected
+                and all(v.ok for v in self.vectors.values()) and not self.temp_files)
 
     def as_dict(self) -> dict:
         vectors = {m: {**asdict(v), "ok": v.ok} for m, v in self.vectors.items()}
@@ -67,11 +71,8 @@ def _check_vectors(store: IndexStore, modality: str) -> VectorCheck:
         return check
     try:
         held = VectorStore.load(path, store.spec, store.meta.embed_dim)
-    except StaleVectorFile as exc:
+    except (StaleVectorFile, VectorFileError) as exc:
         check.problem = str(exc)
-        return check
-    except CrossmodalError as exc:
-        check.problem = f"{path.name} cannot be read: {exc}"
         return check
     ids = held.ids()
     if store.spec.kind == "hnsw":  # tombstones are ids the catalog dropped, filtered until the graph is rebuilt
@@ -88,16 +89,23 @@ def verify(index_dir: Path, repair: bool = False, check_files: bool = True) -> V
     """Check the index at ``index_dir``; with ``repair``, rebuild what stored data can rebuild."""
     temp_files = [str(p) for p in leftover_temp_files(Path(index_dir))]  # before open_locked clears them
     opener = IndexStore.open_locked if repair else IndexStore.open
-    with opener(Path(index_dir)) as store:
-        report = VerifyReport(str(store.directory.resolve()), store.catalog.schema_version(), SCHEMA_VERSION)
-        report.vectors = {m: _check_vectors(store, m) for m in MODALITIES}
-        report.temp_files = temp_files
-        if check_files:
-            report.missing_files = [item.path for item in store.catalog.images()
-                                    if item.path and "://" not in item.path and not Path(item.path).exists()
-                                    and not filesystem_path(item.path).exists()]
-        if repair:
-            _repair(store, report)
+    try:
+        with opener(Path(index_dir)) as store:
+            problems = store.catalog.quick_check()
+            if problems:  # checking vectors or repairing from a damaged source would only spread the damage
+                raise CatalogDamaged(store.directory / CATALOG_FILE, problems)
+            report = VerifyReport(str(store.directory.resolve()), store.catalog.schema_version(), SCHEMA_VERSION)
+            report.vectors = {m: _check_vectors(store, m) for m in MODALITIES}
+            report.temp_files = temp_files
+            if check_files:
+                report.missing_files = [item.path for item in store.catalog.images()
+                                        if item.path and "://" not in item.path and not Path(item.path).exists()
+                                        and not filesystem_path(item.path).exists()]
+            if repair:
+                _repair(store, report)
+    except CatalogDamaged as exc:  # found by quick_check, or by SQLite on the way (opening, reading)
+        return VerifyReport(str(Path(index_dir).resolve()), None, SCHEMA_VERSION, temp_files=temp_files,
+                            catalog_problems=exc.problems, catalog_damaged=str(exc))
     return report
 
 

@@ -231,6 +231,8 @@ def info_cmd(index_dir, skipped, warned, as_json):
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
+    for note in info["notes"]:
+        click.echo(f"note: {note}", err=True)
     m, c = info["model"], info["counts"]
     weights = m["pretrained"] + (f" (sha256 {m['checkpoint_sha256'][:12]})" if m["checkpoint_sha256"] else "")
     click.echo(f"index:    {printable(info['index'])} (schema v{info['schema_version']})")

@@ -89,6 +89,11 @@ def verify_cmd(index_dir, repair, check_files, as_json):
     report = verify(index_dir, repair, check_files)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
+    elif report.catalog_damaged:
+        click.echo(f"index:   {report.index}")
+        for problem in report.catalog_problems:
+            click.echo(f"catalog: {problem}")
+        click.echo(report.catalog_damaged)
     else:
         state = "current" if report.schema_version == report.schema_expected else f"expected {report.schema_expected}"
         click.echo(f"index:   {report.index} (schema v{report.schema_version}, {state})")

@@ -85,7 +85,9 @@ class Searcher:
         if modality not in MODALITIES:
             raise QueryError(f"unknown target '{modality}': use image or text")
         if modality not in self._vectors:
-            vectors = self.store.load_vectors(modality)[0]
+            vectors, report = self.store.load_vectors(modality)
+            if report.problem:
+                self.notes.append(f"{report.problem}; this search used the catalog's vectors instead")
             vectors.use_gpu = gpu_wanted(self._device)
             self._vectors[modality] = vectors
         return self._vectors[modality]

@@ -53,7 +53,7 @@ def test_damage_is_found_and_repaired_from_the_catalog(invoke, indexed, damage):
     elif damage == "leftover":
         assert report["temp_files"] == [str(indexed / ".image.faiss.tmp-999999999")]
     else:
-        assert "missing" in image["problem"] or "cannot be read" in image["problem"]
+        assert "missing" in image["problem"] or "is damaged" in image["problem"]
 
     code, repaired = verify(invoke, "--repair")
     assert code == 0 and repaired["ok"] and repaired["repaired"], repaired
