@@ -37,6 +37,7 @@ import torch
 
 from . import decode
 from .decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_MEGAPIXELS, Decoded, DecodedBatch, DecodeTask
+from .imageio import capture_native_output
 from .skips import CRASHED, TIMEOUT, UNDECODABLE
 
 # A wait this long for one decoded image means the decoders are not getting the CPU (another
@@ -167,6 +168,7 @@ def _worker_main(conn, decoder: Callable[[DecodeTask], Decoded], starved, name: 
         except OSError:
             pass
     torch.set_num_threads(1)  # one core per decoder; the model's threads are the main process's
+    capture_native_output()  # nothing else writes to this process's fd 2: libtiff's messages are the file's
     outbox: queue.SimpleQueue = queue.SimpleQueue()
     sender = threading.Thread(target=_send_results, args=(conn, outbox), daemon=True)
     sender.start()

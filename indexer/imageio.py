@@ -307,16 +307,32 @@ class LibraryOutput:
         return lines if extra <= 0 else lines[:limit] + [f"... {extra} more"]
 
 
+# Whether this process may take file descriptor 2 for a moment to collect what C libraries write
+# there. Only decoder processes (indexer.decoders) say yes: nothing else of theirs writes to it. In a
+# process that talks to the user, a message written meanwhile (the Ctrl-C notice, another thread's
+# log) would end up in some file's warnings, so there C-level output is left on the terminal.
+_NATIVE = {"capture": False}
+
+
+def capture_native_output(enabled: bool = True) -> None:
+    """Let :func:`library_output` redirect fd 2 in this process (call it in a decoder process)."""
+    _NATIVE["capture"] = enabled
+
+
 @contextmanager
 def library_output() -> Iterator[LibraryOutput]:
     """Collect, instead of letting them reach the terminal, the Python warnings raised in the block
-    (Pillow's UserWarnings, DecompressionBombWarning, ...) and what C libraries write straight to file
-    descriptor 2 (libtiff's errors). fd 2 is always put back, also when the block raises."""
+    (Pillow's UserWarnings, DecompressionBombWarning, ...) and, in a decoder process (see
+    :func:`capture_native_output`), what C libraries write straight to file descriptor 2 (libtiff's
+    errors). fd 2 is always put back, also when the block raises."""
     said = LibraryOutput()
     with _STATE, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # the default shows each warning once per process: we want each file's
         try:
-            with _stderr_to(said):
+            if _NATIVE["capture"]:
+                with _stderr_to(said):
+                    yield said
+            else:
                 yield said
         finally:
             for warning in caught:

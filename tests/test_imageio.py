@@ -18,7 +18,7 @@ from PIL import Image
 
 from indexer import imageio
 from indexer.decode import DecodeTask, decode_file
-from indexer.imageio import MAX_WARNINGS, NotAnImage, TooLarge, library_output, open_image
+from indexer.imageio import MAX_WARNINGS, NotAnImage, TooLarge, capture_native_output, library_output, open_image
 from indexer.sources import IMAGE_EXTENSIONS
 
 
@@ -185,6 +185,21 @@ def truncated_deflate_tiff(path):
     return path
 
 
+@pytest.fixture
+def decoder_process():
+    """This test process acts as a decoder process: fd 2 may be taken around each decode."""
+    capture_native_output(True)
+    yield
+    capture_native_output(False)
+
+
+def test_outside_decoder_processes_fd_2_is_left_alone(capfd):
+    # The Ctrl-C notice printed while --workers 0 decodes in the main process must reach the user.
+    with library_output() as said:
+        os.write(2, b"stopping after this batch\n")
+    assert said.lines == [] and capfd.readouterr().err == "stopping after this batch\n"
+
+
 def test_python_warnings_of_a_file_are_kept_with_it_not_printed(tmp_path, capfd):
     with warnings.catch_warnings(record=True) as escaped:
         warnings.simplefilter("always")
@@ -194,7 +209,7 @@ def test_python_warnings_of_a_file_are_kept_with_it_not_printed(tmp_path, capfd)
     assert escaped == [] and capfd.readouterr().err == ""
 
 
-def test_what_libtiff_writes_to_fd_2_is_kept_with_the_file(tmp_path, capfd):
+def test_what_libtiff_writes_to_fd_2_is_kept_with_the_file(tmp_path, capfd, decoder_process):
     result = decode_file(DecodeTask(0, truncated_deflate_tiff(tmp_path / "cut.tif")), as_array, None)
     assert result.error is not None and result.error.startswith("cannot decode image")
     assert any(line.startswith("ZIPDecode:") for line in result.warnings), result.warnings
@@ -202,7 +217,7 @@ def test_what_libtiff_writes_to_fd_2_is_kept_with_the_file(tmp_path, capfd):
     assert capfd.readouterr().err == "ours\n"
 
 
-def test_fd_2_is_restored_when_the_block_raises(capfd):
+def test_fd_2_is_restored_when_the_block_raises(capfd, decoder_process):
     with pytest.raises(RuntimeError), library_output() as said:
         os.write(2, b"from C\n")
         raise RuntimeError
