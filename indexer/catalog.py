@@ -11,9 +11,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 from sqlalchemy import (
@@ -261,6 +263,9 @@ class ItemView:
     height: int | None
     error: str | None
     warnings: str | None = None
+    root: str | None = None  # the indexed folder ``path`` is under (None for an image named by URL)
+    size: int | None = None  # bytes and mtime of an image's file when it was indexed
+    mtime_ns: int | None = None
 
 
 def utc_now() -> str:
@@ -280,15 +285,34 @@ def _chunks(values: Sequence, size: int = 900) -> Iterator[Sequence]:
 class Catalog:
     """One SQLite file. Each public method is one transaction."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, read_only: bool = False):
+        """``read_only`` opens the file so that nothing can write it (a server): the schema must be current."""
         self.path = Path(path)
-        self.engine: Engine = create_engine(f"sqlite:///{self.path}", future=True)
-        event.listen(self.engine, "connect", _configure_connection)
+        self.read_only = read_only
+        url = f"sqlite:///file:{quote(str(self.path.absolute()))}?mode=ro&uri=true" if read_only else \
+            f"sqlite:///{self.path}"
+        self.engine: Engine = create_engine(url, future=True)
+        event.listen(self.engine, "connect", _configure_read_only if read_only else _configure_connection)
         event.listen(self.engine, "handle_error", self._raise_if_damaged)
+        self._watch: sqlite3.Connection | None = None
+        self._watch_lock = threading.Lock()
         self._migrate()
 
     def close(self) -> None:
         self.engine.dispose()
+        if self._watch is not None:
+            self._watch.close()
+
+    def change_counter(self) -> int:
+        """A number that changes whenever another connection commits (SQLite's ``PRAGMA data_version``).
+
+        It is kept per connection, so one connection is held open for it alone.
+        """
+        with self._watch_lock:
+            if self._watch is None:
+                self._watch = sqlite3.connect(f"file:{quote(str(self.path.absolute()))}?mode=ro", uri=True,
+                                              check_same_thread=False)
+            return self._watch.execute("PRAGMA data_version").fetchone()[0]
 
     def _raise_if_damaged(self, context) -> None:
         """Every statement's error passes here (connecting too): damage becomes one typed error."""
@@ -335,6 +359,9 @@ class Catalog:
             current = (conn.execute(select(func.max(SchemaVersion.version))).scalar() or 0) if exists else 0
         if current == SCHEMA_VERSION:
             return
+        if self.read_only and current < SCHEMA_VERSION:
+            raise SchemaError(f"{self.path} has schema version {current}, older than this crossmodal's "
+                              f"({SCHEMA_VERSION}); run `crossmodal verify` once to upgrade it in place")
         if current > SCHEMA_VERSION:
             raise SchemaError(
                 f"{self.path} has schema version {current}, newer than this crossmodal understands "
@@ -508,7 +535,7 @@ class Catalog:
         q = (
             select(ItemRow.id, ItemRow.kind, own_root.path, ItemRow.path, image_root.path, image.path,
                    ItemRow.text, ItemRow.image_id, ItemRow.origin, ItemRow.width, ItemRow.height, ItemRow.error,
-                   ItemRow.warnings)
+                   ItemRow.warnings, ItemRow.size, ItemRow.mtime_ns)
             .outerjoin(own_root, own_root.id == ItemRow.root_id)
             .outerjoin(image, image.id == ItemRow.image_id)
             .outerjoin(image_root, image_root.id == image.root_id)
@@ -517,14 +544,27 @@ class Catalog:
         with Session(self.engine) as s:
             for chunk in _chunks([int(i) for i in ids]):
                 for r in s.execute(q.where(ItemRow.id.in_(chunk))):
-                    item_id, kind, root, rel, img_root, img_rel, txt, image_id, origin, w, h, err, warn = r
-                    path = None
+                    item_id, kind, root, rel, img_root, img_rel, txt, image_id, origin, w, h, err, warn, size, mtime = r
+                    path = folder = None
                     if rel is not None and root is not None:
-                        path = _absolute(root, rel)
+                        path, folder = _absolute(root, rel), root
                     elif img_rel is not None and img_root is not None:
-                        path = _absolute(img_root, img_rel)
-                    views[item_id] = ItemView(item_id, kind, path, txt, image_id, origin, w, h, err, warn)
+                        path, folder = _absolute(img_root, img_rel), img_root
+                    if path is not None and "://" in path:
+                        folder = None
+                    views[item_id] = ItemView(item_id, kind, path, txt, image_id, origin, w, h, err, warn, folder,
+                                              size, mtime)
         return views
+
+    def captions_of(self, image_ids: Sequence[int]) -> dict[int, list[tuple[int, str]]]:
+        """(id, text) of each image's captions, in the order they were indexed; images without any are absent."""
+        found: dict[int, list[tuple[int, str]]] = {}
+        q = select(ItemRow.image_id, ItemRow.id, ItemRow.text).where(ItemRow.kind == CAPTION)
+        with Session(self.engine) as s:
+            for chunk in _chunks([int(i) for i in image_ids]):
+                for image_id, item_id, txt in s.execute(q.where(ItemRow.image_id.in_(chunk)).order_by(ItemRow.id)):
+                    found.setdefault(image_id, []).append((item_id, txt))
+        return found
 
     def counts(self) -> dict[str, int]:
         q = select(ItemRow.kind, func.count()).group_by(ItemRow.kind)
@@ -582,6 +622,15 @@ def _configure_connection(dbapi_connection, _record) -> None:
     # WAL lets searches read the last committed state while an indexer writes.
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _configure_read_only(dbapi_connection, _record) -> None:
+    # No journal_mode here: setting it is a write. WAL readers still see every commit (the folder must be
+    # writable for SQLite's -shm file, or the index must be closed by its writers).
+    cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()

@@ -21,17 +21,20 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .build import finish
 from .catalog import CAPTION, TEXT, ImageWrite, TextWrite
-from .encoder import ModelIdentity
 from .errors import CrossmodalError, SourceError
-from .pipeline import IndexSummary
+from .identity import ModelIdentity
 from .sources import Problem
 from .spec import IndexSpec
 from .store import MODALITIES, IndexStore
+
+if TYPE_CHECKING:
+    from .pipeline import IndexSummary
 
 SHARD_ROWS = 1_000_000
 WRITE_CHUNK = 10_000
@@ -127,6 +130,8 @@ def _vector_digest(vector: np.ndarray) -> str:
 def import_embeddings(source: Path, index_dir: Path, identity: ModelIdentity, spec: IndexSpec | None = None,
                       images_root: Path | None = None) -> IndexSummary:
     """Index precomputed vectors from ``source`` (clip-retrieval layout) as one root of ``index_dir``."""
+    from .pipeline import IndexSummary  # the pipeline imports torch, which export_embeddings does without
+
     started = time.perf_counter()
     source = Path(source).expanduser().resolve()
     if not source.is_dir():

@@ -15,7 +15,6 @@ import os
 import pickle
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,8 @@ import open_clip
 import torch
 from PIL import Image
 
-from .errors import CrossmodalError, ModelMismatch, WeightsUnavailable
+from .errors import CrossmodalError, WeightsUnavailable
+from .identity import ModelIdentity
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
@@ -35,43 +35,6 @@ MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 # Weights that ship with the package, used when such a model is named without --pretrained.
 BUNDLED_WEIGHTS = {"crossmodal-demo": Path(__file__).parent / "weights" / "crossmodal-demo.safetensors"}
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What makes vectors comparable: stored in the catalog, checked on every open.
-
-    ``pretrained`` is the tag for downloaded weights, ``none`` for random init, or the checkpoint's
-    file name for local weights, in which case ``checkpoint_sha256`` is what actually identifies them.
-    """
-
-    name: str
-    pretrained: str
-    embed_dim: int
-    checkpoint_sha256: str | None = None
-    checkpoint_path: str | None = None
-    open_clip_version: str = open_clip.__version__
-
-    def describe(self) -> str:
-        weights = self.pretrained
-        if self.checkpoint_sha256:
-            weights = f"checkpoint {self.pretrained} (sha256 {self.checkpoint_sha256[:12]})"
-        return f"{self.name} / {weights} ({self.embed_dim}-d)"
-
-    def same_model(self, other: ModelIdentity) -> bool:
-        if (self.name, self.embed_dim) != (other.name, other.embed_dim):
-            return False
-        if self.checkpoint_sha256 or other.checkpoint_sha256:
-            return self.checkpoint_sha256 == other.checkpoint_sha256
-        return self.pretrained == other.pretrained
-
-    def require_same(self, other: ModelIdentity, action: str) -> None:
-        if not self.same_model(other):
-            raise ModelMismatch(
-                f"cannot {action}: the index was built with {self.describe()}, "
-                f"but the model given is {other.describe()}. Use the index's model, "
-                "or build a new index (--index DIR) for the other model."
-            )
 
 
 def resolve_device(device: str = "auto") -> torch.device:

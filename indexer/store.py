@@ -12,19 +12,19 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .catalog import Catalog, IndexMeta, utc_now
-from .encoder import DEFAULT_MODEL, Encoder, ModelIdentity, default_pretrained, load_encoder, load_encoder_for
 from .errors import CatalogDamaged, CrossmodalError, IndexLocked, IndexNotFound, VectorFileError
+from .identity import ModelIdentity
+from .layout import CATALOG_FILE, LOCK_FILE, MODALITIES
 from .spec import IndexSpec
 from .vectors import StaleVectorFile, VectorStore
 
-MODALITIES = ("image", "text")
-CATALOG_FILE = "catalog.sqlite"
-LOCK_FILE = ".lock"
-DEFAULT_INDEX_DIR = Path(".crossmodal")
+if TYPE_CHECKING:  # the encoder module imports torch: only the functions that load a model import it
+    from .encoder import Encoder
 
 
 @dataclass(frozen=True)
@@ -51,14 +51,15 @@ class IndexStore:
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
-    def open(cls, directory: Path) -> IndexStore:
+    def open(cls, directory: Path, read_only: bool = False) -> IndexStore:
+        """An existing index for reading; ``read_only`` also makes its catalog unwritable (a server)."""
         directory = Path(directory)
         if not (directory / CATALOG_FILE).is_file():
             raise IndexNotFound(
                 f"no index at {directory}: build one with `crossmodal index FOLDER --index {directory}` "
                 "(or set CROSSMODAL_INDEX)"
             )
-        store = cls(directory, Catalog(directory / CATALOG_FILE))
+        store = cls(directory, Catalog(directory / CATALOG_FILE, read_only))
         try:
             if store.catalog.meta() is None:
                 store._refuse_orphaned_vector_files()
@@ -119,7 +120,7 @@ class IndexStore:
     def set_spec(self, spec: IndexSpec) -> None:
         """Record the index type (after a reindex, or once auto has chosen and tuned one)."""
         self.catalog.set_meta(IndexMeta(**{**self.meta.__dict__, "index_spec": spec.to_json()}))
-        self.__dict__.pop("meta", None)
+        self.forget_meta()
 
     def close(self) -> None:
         self.catalog.close()
@@ -136,10 +137,15 @@ class IndexStore:
     # -- what it holds ------------------------------------------------------------------------
     @functools.cached_property
     def meta(self) -> IndexMeta:
-        # Read once: only open_for_writing changes it, before anything reads it.
+        # Read once: only open_for_writing changes it, before anything reads it. A long-lived reader that
+        # sees the catalog change calls forget_meta (another process may have reindexed).
         meta = self.catalog.meta()
-        assert meta is not None, "opened stores always have meta"
+        if meta is None:
+            raise IndexNotFound(f"the index at {self.directory} records no model any more")
         return meta
+
+    def forget_meta(self) -> None:
+        self.__dict__.pop("meta", None)
 
     @property
     def identity(self) -> ModelIdentity:
@@ -220,6 +226,8 @@ def encoder_for(identity: ModelIdentity | None, model: str | None = None, pretra
     Without ``model`` that is the index's own model; ``pretrained`` alone then points it at its
     checkpoint's new location. A new index without ``model`` gets the default model.
     """
+    from .encoder import DEFAULT_MODEL, default_pretrained, load_encoder, load_encoder_for
+
     if model is None and identity is not None:
         return load_encoder_for(identity, device, pretrained)
     name = model or DEFAULT_MODEL

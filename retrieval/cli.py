@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # Decoder processes share the CPU with torch's OpenMP threads. Threads that sleep at barriers
 # instead of spinning leave those cycles to the decoders: +7% end-to-end on 2 cores
@@ -17,9 +18,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import click  # noqa: E402
 from click.core import ParameterSource  # noqa: E402
 
-from indexer import IndexOptions, IndexSpec, IndexSummary, update_index  # noqa: E402
-from indexer.store import IndexStore, encoder_for, open_encoder  # noqa: E402
+from indexer.spec import IndexSpec  # noqa: E402
 
+from .cli_serve import serve_cmd  # noqa: E402
 from .cli_train import data_group, train_cmd  # noqa: E402
 from .cli_vectors import echo_build, export_cmd, reindex_cmd, verify_cmd  # noqa: E402
 from .options import (  # noqa: E402
@@ -30,7 +31,13 @@ from .options import (  # noqa: E402
     model_options,
     printable,
 )
-from .searcher import Hit, Searcher  # noqa: E402
+
+# What loads a model (torch, open_clip) or opens an index (SQLAlchemy, faiss) is imported inside the commands
+# that do, so that --help and the commands that only read an index start fast.
+if TYPE_CHECKING:
+    from indexer.pipeline import IndexSummary
+
+    from .searcher import Hit
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -86,6 +93,9 @@ def index_cmd(root, embeddings, images_root, index_dir, model, pretrained, devic
     """
     if (root is None) == (embeddings is None):
         raise click.UsageError("give a folder ROOT to index, or --embeddings DIR to import")
+    from indexer.pipeline import IndexOptions, update_index
+    from indexer.store import open_encoder
+
     encoder = open_encoder(index_dir, model, pretrained, device)
     if embeddings is not None:
         from indexer.embeddings import import_embeddings
@@ -168,11 +178,13 @@ def _echo_library_warnings(warned: dict[str, list[str]], verbose: bool) -> None:
 @click.option("--nprobe", type=int, default=None, help="ivf/ivfpq: lists to search [default: the index's].")
 @click.option("--ef-search", type=int, default=None, help="hnsw: search beam [default: the index's].")
 @click.option("--rerank", type=int, default=None, help="ivfpq/lsh/itq: candidates re-scored exactly.")
+@click.option("--no-server", is_flag=True, help="Search in this process even when `crossmodal serve` serves the index.")
 @index_option
 @model_options
 @json_option
 @domain_errors
-def search_cmd(query, image, target, k, nprobe, ef_search, rerank, index_dir, model, pretrained, device, as_json):
+def search_cmd(query, image, target, k, nprobe, ef_search, rerank, no_server, index_dir, model, pretrained, device,
+               as_json):
     """Search the index by text (QUERY) or by --image.
 
     \b
@@ -184,13 +196,27 @@ def search_cmd(query, image, target, k, nprobe, ef_search, rerank, index_dir, mo
     if (query is None) == (image is None):
         raise click.UsageError("give either a text QUERY or --image PATH")
     settings = {"nprobe": nprobe, "ef_search": ef_search, "rerank": rerank}
-    with Searcher.open(index_dir, model=model, pretrained=pretrained, device=device, settings=settings) as searcher:
-        if image is not None:
-            hits = searcher.search_image(image, to=target or "text", k=k)
-        else:
-            hits = searcher.search_text(query, to=target or "image", k=k)
-        for note in searcher.notes:
-            click.echo(f"note: {printable(note)}", err=True)
+    to = target or ("text" if image is not None else "image")
+    answer = None
+    if not no_server and model is None and pretrained is None:  # a running server has the index's own model
+        from .serve.client import ask
+        from .serve.runtime import server_for
+
+        found = server_for(index_dir)
+        if found:
+            answer = ask(found[0], found[1], text=query, image=image, to=to, k=k, settings=settings)
+    if answer is None:
+        from .searcher import Searcher
+
+        with Searcher.open(index_dir, model=model, pretrained=pretrained, device=device,
+                           settings=settings) as searcher:
+            if image is not None:
+                answer = searcher.answer_image(image, to=to, k=k)
+            else:
+                answer = searcher.answer_text(query, to=to, k=k)
+    hits = answer.hits
+    for note in answer.notes:
+        click.echo(f"note: {printable(note)}", err=True)
     if as_json:
         click.echo(json.dumps([h.as_dict() for h in hits], indent=2, ensure_ascii=False))
     else:
@@ -219,6 +245,8 @@ def _print_hits(hits: list[Hit]) -> None:
 @domain_errors
 def info_cmd(index_dir, skipped, warned, as_json):
     """Show the model, counts, index type and sizes of an index."""
+    from indexer.store import IndexStore
+
     with IndexStore.open(index_dir) as store:
         info = store.info()
         skipped_items = [{"path": v.path, "error": v.error} for v in store.catalog.skipped()] if skipped else None
@@ -291,6 +319,8 @@ def eval_cmd(index_dir, karpathy_json, images_root, split, model, pretrained, de
     curve_k = CURVE_K if plot_path else 0
     source = "index"
     if karpathy_json:
+        from indexer.store import encoder_for, open_encoder
+
         from .benchmark import evaluate_karpathy
 
         explicit = click.get_current_context().get_parameter_source("index_dir") != ParameterSource.DEFAULT
@@ -364,6 +394,7 @@ cli.add_command(train_cmd)
 cli.add_command(reindex_cmd)
 cli.add_command(export_cmd)
 cli.add_command(verify_cmd)
+cli.add_command(serve_cmd)
 
 
 def main() -> None:

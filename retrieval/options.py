@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 from pathlib import Path
 
 import click
-import sqlalchemy.exc
 
-from indexer import DEFAULT_INDEX_DIR
 from indexer.errors import CrossmodalError
+from indexer.layout import DEFAULT_INDEX_DIR
 
 # C0 and C1 controls, and the characters that make a terminal start a new line or reorder text.
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
@@ -30,6 +30,13 @@ def printable(value: object) -> str:
     return _UNPRINTABLE.sub(_escape, str(value))
 
 
+def _catalog_errors() -> tuple[type[Exception], ...]:
+    """SQLAlchemy's OperationalError once SQLAlchemy is loaded (nothing else can raise it). Looked up when an
+    error goes by, so that commands which open no catalog (``--help``) start without importing SQLAlchemy."""
+    errors = sys.modules.get("sqlalchemy.exc")
+    return (errors.OperationalError,) if errors is not None else ()
+
+
 def domain_errors(func):
     """Turn our errors into click's one-line error, leaving real bugs their traceback."""
 
@@ -39,7 +46,7 @@ def domain_errors(func):
             return func(*args, **kwargs)
         except CrossmodalError as exc:
             raise click.ClickException(printable(exc)) from None
-        except sqlalchemy.exc.OperationalError as exc:  # disk full, read-only folder, a lost file system
+        except _catalog_errors() as exc:  # disk full, read-only folder, a lost file system
             raise click.ClickException(
                 f"the index catalog could not be read or written: {exc.orig}; what was committed before is "
                 "kept. Free space or make the index folder writable, then run the same command again") from None

@@ -6,7 +6,9 @@ that the one given is the same), and searches the image or text vectors by cosin
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import threading
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +19,10 @@ from indexer.encoder import Encoder
 from indexer.errors import QueryError
 from indexer.imageio import NotARegularFile, TooLarge, library_output, open_image, to_rgb
 from indexer.spec import IndexSpec
-from indexer.store import MODALITIES, IndexStore, encoder_for
+from indexer.store import MODALITIES, IndexStore, encoder_for, identity_from_meta
 from indexer.vectors import VectorStore, gpu_wanted
+
+from .hits import Answer, Hit
 
 MAX_K = 10_000
 SEARCH_SETTINGS_OF = {"ivf": ("nprobe",), "ivfpq": ("nprobe", "rerank"), "hnsw": ("ef_search",),
@@ -26,38 +30,31 @@ SEARCH_SETTINGS_OF = {"ivf": ("nprobe",), "ivfpq": ("nprobe", "rerank"), "hnsw":
 SEARCH_SETTINGS = {name for names in SEARCH_SETTINGS_OF.values() for name in names}
 
 
-@dataclass(frozen=True)
-class Hit:
-    rank: int
-    score: float
-    id: int
-    kind: str  # image, caption or text
-    path: str | None  # absolute path of the image (a caption's image for captions)
-    text: str | None
-    image_id: int | None = None
-    source: str | None = None  # where a caption or text came from
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
 class Searcher:
-    """Search one index. The model is loaded on the first text or image query."""
+    """Search one index. The model is loaded on the first text or image query.
+
+    Safe to share between threads of a long-lived process: each query's notes come back with its
+    :class:`Answer`, and the vectors of a modality are searched and updated under that modality's lock.
+    :meth:`refresh` catches up with commits made by other processes (an indexer adding or removing).
+    """
 
     def __init__(self, store: IndexStore, *, model: str | None = None, pretrained: str | None = None,
                  device: str = "auto", encoder: Encoder | None = None, settings: dict | None = None):
         self.store = store
         self.settings = _check_settings(store.spec, settings or {})  # search-time nprobe/ef_search/rerank
-        self.notes: list[str] = []  # things the user should know about the last queries (a cut query)
         self._model, self._pretrained, self._device = model, pretrained, device
         self._encoder = encoder
         if encoder is not None:
             store.identity.require_same(encoder.identity, f"query the index at {store.directory}")
+        self._loading = threading.Lock()  # the encoder and the vector files are loaded once
+        self._locks = {m: threading.Lock() for m in MODALITIES}
         self._vectors: dict[str, VectorStore] = {}
+        self._problems: dict[str, str] = {}  # a damaged vector file, said with every answer from it
+        self._seen = store.catalog.change_counter()
 
     @classmethod
-    def open(cls, index_dir: Path, **kwargs) -> Searcher:
-        store = IndexStore.open(Path(index_dir))
+    def open(cls, index_dir: Path, read_only: bool = False, **kwargs) -> Searcher:
+        store = IndexStore.open(Path(index_dir), read_only)
         try:
             return cls(store, **kwargs)
         except BaseException:
@@ -75,39 +72,154 @@ class Searcher:
 
     @property
     def encoder(self) -> Encoder:
-        if self._encoder is None:
-            encoder = encoder_for(self.store.identity, self._model, self._pretrained, self._device)
-            self.store.identity.require_same(encoder.identity, f"query the index at {self.store.directory}")
-            self._encoder = encoder
-        return self._encoder
+        with self._loading:
+            if self._encoder is None:
+                encoder = encoder_for(self.store.identity, self._model, self._pretrained, self._device)
+                self.store.identity.require_same(encoder.identity, f"query the index at {self.store.directory}")
+                self._encoder = encoder
+            return self._encoder
 
     def vectors(self, modality: str) -> VectorStore:
         if modality not in MODALITIES:
             raise QueryError(f"unknown target '{modality}': use image or text")
-        if modality not in self._vectors:
-            vectors, report = self.store.load_vectors(modality)
-            if report.problem:
-                self.notes.append(f"{report.problem}; this search used the catalog's vectors instead")
-            vectors.use_gpu = gpu_wanted(self._device)
-            self._vectors[modality] = vectors
-        return self._vectors[modality]
+        with self._loading:
+            if modality not in self._vectors:
+                vectors, report = self.store.load_vectors(modality)
+                if report.problem:
+                    self._problems[modality] = f"{report.problem}; this search used the catalog's vectors instead"
+                vectors.use_gpu = gpu_wanted(self._device)
+                self._vectors[modality] = vectors
+            return self._vectors[modality]
+
+    def refresh(self) -> bool:
+        """Take in what other processes committed since the last call; whether anything had changed.
+
+        New vectors are added and removed ones dropped in memory, as opening the index again would; an
+        index rebuilt as another type (``crossmodal reindex``) is loaded again from its files.
+        """
+        seen = self.store.catalog.change_counter()
+        if seen == self._seen:
+            return False
+        self._seen = seen
+        before = self.store.meta
+        self.store.forget_meta()
+        if self.store.meta != before:  # reindexed, or its model recorded anew: start from the files
+            for lock in self._locks.values():
+                lock.acquire()
+            try:
+                with self._loading:
+                    self._vectors.clear()
+                    self._problems.clear()
+                    if self.store.identity != identity_from_meta(before):
+                        self._encoder = None
+                    self.settings = {k: v for k, v in self.settings.items() if k in self.store.spec.params}
+            finally:
+                for lock in self._locks.values():
+                    lock.release()
+            return True
+        for modality in list(self._vectors):
+            expected = self.store.catalog.vector_ids(modality)
+            with self._locks[modality]:
+                self._vectors[modality].sync(expected, self.store.fetch_vectors)
+        return True
 
     # -- queries ------------------------------------------------------------------------------
     def search_text(self, query: str, *, to: str = "image", k: int = 10) -> list[Hit]:
-        if not isinstance(query, str) or not query.strip():
-            raise QueryError("empty text query: give some words to search for")
-        _check_k(k)
-        cut = getattr(self.encoder, "text_overflow", lambda _: 0)(query.strip())
-        if cut:
-            self.notes.append(f"the query is {cut} tokens longer than the model reads; only its start was used")
-        return self.search_vectors(self.encoder.encode_texts([query.strip()]), to=to, k=k)[0]
+        return self.answer_text(query, to=to, k=k).hits
 
     def search_image(self, image: str | Path | Image.Image, *, to: str = "text", k: int = 10) -> list[Hit]:
-        _check_k(k)
-        image = self._query_image(Path(image)) if not isinstance(image, Image.Image) else to_rgb(image)
-        return self.search_vectors(self.encoder.encode_pil([image]), to=to, k=k)[0]
+        return self.answer_image(image, to=to, k=k).hits
 
-    def _query_image(self, path: Path) -> Image.Image:
+    def answer_text(self, query: str, *, to: str = "image", k: int = 10, offset: int = 0,
+                    settings: dict | None = None) -> Answer:
+        """The ``k`` best ``to`` items from rank ``offset`` on; ``settings`` override nprobe, ef_search or
+        rerank for this query only (the other ``answer_*`` methods take the same page and settings)."""
+        if not isinstance(query, str) or not query.strip():
+            raise QueryError("empty text query: give some words to search for")
+        _check_page(k, offset)
+        notes: list[str] = []
+        started = time.perf_counter()
+        cut = getattr(self.encoder, "text_overflow", lambda _: 0)(query.strip())
+        if cut:
+            notes.append(f"the query is {cut} tokens longer than the model reads; only its start was used")
+        vector = self.encoder.encode_texts([query.strip()])
+        return self._answer(vector, to, k, offset, notes, {"encode": time.perf_counter() - started}, settings)
+
+    def answer_image(self, image: str | Path | Image.Image, *, to: str = "text", k: int = 10,
+                     offset: int = 0, settings: dict | None = None) -> Answer:
+        """``image``: a path, or a PIL image already opened (and bounded) by the caller."""
+        _check_page(k, offset)
+        notes: list[str] = []
+        started = time.perf_counter()
+        image = self._query_image(Path(image), notes) if not isinstance(image, Image.Image) else to_rgb(image)
+        vector = self.encoder.encode_pil([image])
+        return self._answer(vector, to, k, offset, notes, {"encode": time.perf_counter() - started}, settings)
+
+    def answer_item(self, item_id: int, *, to: str = "image", k: int = 10, offset: int = 0,
+                    settings: dict | None = None) -> Answer:
+        """More like an indexed item: its stored vector is the query, and the item itself is left out."""
+        _check_page(k, offset)
+        started = time.perf_counter()
+        vector = self.store.fetch_vectors([item_id], strict=False)
+        if np.isnan(vector).any():
+            raise QueryError(f"no indexed item {item_id}: it was removed, skipped, or never there")
+        return self._answer(vector, to, k, offset, [], {"catalog": time.perf_counter() - started}, settings,
+                            exclude=item_id)
+
+    def answer_vector(self, vector, *, to: str = "image", k: int = 10, offset: int = 0,
+                      settings: dict | None = None) -> Answer:
+        _check_page(k, offset)
+        return self._answer(vector, to, k, offset, [], {}, settings)
+
+    def search_vectors(self, queries: np.ndarray, *, to: str = "image", k: int = 10) -> list[list[Hit]]:
+        """Search with a batch of query vectors (N, dim); they are L2-normalised here."""
+        _check_page(k, 0)
+        return [hits for hits, _ in self._search(queries, to, k, {}, self.settings)]
+
+    def _answer(self, vector, to: str, k: int, offset: int, notes: list[str], timings: dict[str, float],
+                settings: dict | None, exclude: int | None = None) -> Answer:
+        settings = {**self.settings, **_check_settings(self.store.spec, settings or {})}
+        # One more than the page (and the excluded item): whether a next page exists.
+        [(hits, more)] = self._search(vector, to, offset + k + 1 + (exclude is not None), timings, settings, exclude)
+        page = [replace(hit, rank=offset + i + 1) for i, hit in enumerate(hits[offset:offset + k])]
+        problem = self._problems.get(to)
+        return Answer(page, notes + ([problem] if problem else []), timings, more or len(hits) > offset + k)
+
+    def _search(self, queries, to: str, k: int, timings: dict[str, float], settings: dict,
+                exclude: int | None = None) -> list[tuple[list[Hit], bool]]:
+        """Per query: its hits, and whether the vectors held more than were asked for."""
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        dim = self.store.meta.embed_dim
+        if queries.ndim != 2 or queries.shape[1] != dim:
+            raise QueryError(f"query vectors have {queries.shape[-1]} dimensions, the index has {dim}")
+        if not np.isfinite(queries).all():
+            raise QueryError("query vectors hold NaN or infinite values")
+        norms = np.linalg.norm(queries, axis=1, keepdims=True)
+        queries = queries / np.where(norms == 0, 1, norms)
+        store = self.vectors(to)
+        started = time.perf_counter()
+        with self._locks[to]:
+            held = len(store)
+            if held == 0:
+                return [([], False) for _ in queries]
+            scores, ids = store.search(queries, k, **settings)
+        timings["search"] = timings.get("search", 0.0) + time.perf_counter() - started
+        started = time.perf_counter()
+        items = self.store.catalog.items(np.unique(ids[ids >= 0]).tolist())
+        results = []
+        for row_scores, row_ids in zip(scores, ids):
+            hits: list[Hit] = []
+            for score, item_id in zip(row_scores, row_ids):
+                item = items.get(int(item_id))
+                if item is None or item.id == exclude:  # padding (-1), or deleted since the vectors were read
+                    continue
+                hits.append(Hit(len(hits) + 1, float(score), item.id, item.kind, item.path, item.text,
+                                item.image_id, item.origin))
+            results.append((hits, held > k))
+        timings["catalog"] = timings.get("catalog", 0.0) + time.perf_counter() - started
+        return results
+
+    def _query_image(self, path: Path, notes: list[str]) -> Image.Image:
         draft_size = self.encoder.image_size * DRAFT_FACTOR  # loads the model first: its warnings are not the file's
         try:
             with library_output() as said:
@@ -121,34 +233,8 @@ class Searcher:
                              f"megapixels, over the {exc.max_megapixels:g}-megapixel limit for query images") from None
         except Exception as exc:  # PIL raises many types for a file that is not an image
             raise QueryError(f"cannot read query image {path}: {exc}") from None
-        self.notes += [f"query image: {line}" for line in said.capped()]
+        notes += [f"query image: {line}" for line in said.capped()]
         return image
-
-    def search_vectors(self, queries: np.ndarray, *, to: str = "image", k: int = 10) -> list[list[Hit]]:
-        """Search with a batch of query vectors (N, dim); they are L2-normalised here."""
-        _check_k(k)
-        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-        dim = self.store.meta.embed_dim
-        if queries.shape[1] != dim:
-            raise QueryError(f"query vectors have {queries.shape[1]} dimensions, the index has {dim}")
-        norms = np.linalg.norm(queries, axis=1, keepdims=True)
-        queries = queries / np.where(norms == 0, 1, norms)
-        store = self.vectors(to)
-        if len(store) == 0:
-            return [[] for _ in queries]
-        scores, ids = store.search(queries, k, **self.settings)
-        items = self.store.catalog.items(np.unique(ids[ids >= 0]).tolist())
-        results = []
-        for row_scores, row_ids in zip(scores, ids):
-            hits: list[Hit] = []
-            for score, item_id in zip(row_scores, row_ids):
-                item = items.get(int(item_id))
-                if item is None:  # padding (-1) or deleted since the vector file was written
-                    continue
-                hits.append(Hit(len(hits) + 1, float(score), item.id, item.kind, item.path, item.text,
-                                item.image_id, item.origin))
-            results.append(hits)
-        return results
 
 
 def _check_settings(spec: IndexSpec, settings: dict) -> dict:
@@ -162,8 +248,10 @@ def _check_settings(spec: IndexSpec, settings: dict) -> dict:
     return settings
 
 
-def _check_k(k: int) -> None:
-    if not isinstance(k, int) or k <= 0:
-        raise QueryError(f"k must be a positive number of results, got {k}")
-    if k > MAX_K:
-        raise QueryError(f"k={k} is too large; ask for at most {MAX_K} results")
+def _check_page(k: int, offset: int) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
+        raise QueryError(f"k must be a positive number of results, got {k!r}")
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise QueryError(f"offset must be 0 or more, got {offset!r}")
+    if k + offset > MAX_K:
+        raise QueryError(f"k={k} from offset {offset} is too deep; ask for results up to the {MAX_K:,}th")

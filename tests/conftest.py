@@ -87,12 +87,12 @@ def photo_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def invoke(monkeypatch, tmp_path):
     """Run the CLI with the fake encoder and CROSSMODAL_INDEX=tmp_path/idx; ``ok=True`` asserts success."""
-    import retrieval.cli
+    import indexer.store
     import retrieval.searcher
     from retrieval.cli import cli
 
     encoder = FakeEncoder()
-    monkeypatch.setattr(retrieval.cli, "open_encoder", lambda *a, **k: encoder)
+    monkeypatch.setattr(indexer.store, "open_encoder", lambda *a, **k: encoder)  # the CLI imports it when it runs
     monkeypatch.setattr(retrieval.searcher, "encoder_for", lambda *a, **k: encoder)
     monkeypatch.setenv("CROSSMODAL_INDEX", str(tmp_path / "idx"))
     runner = CliRunner()
