@@ -9,6 +9,7 @@ index kind. The schema is created by append-only migrations recorded in ``schema
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import sqlite3
 import threading
@@ -21,6 +22,7 @@ import numpy as np
 from sqlalchemy import (
     ForeignKey,
     LargeBinary,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -530,20 +532,10 @@ class Catalog:
     # -- reading ------------------------------------------------------------------------------
     def items(self, ids: Sequence[int]) -> dict[int, ItemView]:
         """Look up items for display; unknown ids (e.g. deleted since the FAISS file was written) are absent."""
-        image = aliased(ItemRow)
-        own_root, image_root = aliased(RootRow), aliased(RootRow)
-        q = (
-            select(ItemRow.id, ItemRow.kind, own_root.path, ItemRow.path, image_root.path, image.path,
-                   ItemRow.text, ItemRow.image_id, ItemRow.origin, ItemRow.width, ItemRow.height, ItemRow.error,
-                   ItemRow.warnings, ItemRow.size, ItemRow.mtime_ns)
-            .outerjoin(own_root, own_root.id == ItemRow.root_id)
-            .outerjoin(image, image.id == ItemRow.image_id)
-            .outerjoin(image_root, image_root.id == image.root_id)
-        )
         views: dict[int, ItemView] = {}
-        with Session(self.engine) as s:
+        with self.engine.connect() as conn:
             for chunk in _chunks([int(i) for i in ids]):
-                for r in s.execute(q.where(ItemRow.id.in_(chunk))):
+                for r in conn.execute(_items_query(), {"ids": list(chunk)}):
                     item_id, kind, root, rel, img_root, img_rel, txt, image_id, origin, w, h, err, warn, size, mtime = r
                     path = folder = None
                     if rel is not None and root is not None:
@@ -559,10 +551,9 @@ class Catalog:
     def captions_of(self, image_ids: Sequence[int]) -> dict[int, list[tuple[int, str]]]:
         """(id, text) of each image's captions, in the order they were indexed; images without any are absent."""
         found: dict[int, list[tuple[int, str]]] = {}
-        q = select(ItemRow.image_id, ItemRow.id, ItemRow.text).where(ItemRow.kind == CAPTION)
-        with Session(self.engine) as s:
+        with self.engine.connect() as conn:
             for chunk in _chunks([int(i) for i in image_ids]):
-                for image_id, item_id, txt in s.execute(q.where(ItemRow.image_id.in_(chunk)).order_by(ItemRow.id)):
+                for image_id, item_id, txt in conn.execute(_captions_query(), {"ids": list(chunk)}):
                     found.setdefault(image_id, []).append((item_id, txt))
         return found
 
@@ -600,6 +591,29 @@ class Catalog:
             ids = list(s.scalars(select(ItemRow.id).where(ItemRow.error.is_not(None)).order_by(ItemRow.id)))
         views = self.items(ids)
         return [views[i] for i in ids]
+
+
+@functools.cache
+def _items_query():
+    # Built once: composing a select of aliased ORM columns costs more than running it (searches call this).
+    image = aliased(ItemRow)
+    own_root, image_root = aliased(RootRow), aliased(RootRow)
+    return (
+        select(ItemRow.id, ItemRow.kind, own_root.path, ItemRow.path, image_root.path, image.path,
+               ItemRow.text, ItemRow.image_id, ItemRow.origin, ItemRow.width, ItemRow.height, ItemRow.error,
+               ItemRow.warnings, ItemRow.size, ItemRow.mtime_ns)
+        .outerjoin(own_root, own_root.id == ItemRow.root_id)
+        .outerjoin(image, image.id == ItemRow.image_id)
+        .outerjoin(image_root, image_root.id == image.root_id)
+        .where(ItemRow.id.in_(bindparam("ids", expanding=True)))
+    )
+
+
+@functools.cache
+def _captions_query():
+    return (select(ItemRow.image_id, ItemRow.id, ItemRow.text)
+            .where(ItemRow.kind == CAPTION, ItemRow.image_id.in_(bindparam("ids", expanding=True)))
+            .order_by(ItemRow.id))
 
 
 def is_damage(exc: BaseException) -> bool:
