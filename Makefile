@@ -17,7 +17,7 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install -e '.[serve,test]'
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -46,6 +46,7 @@ demo: $(STAMP)
 	@echo; echo '== recall@k over the 300 images and their 900 captions'
 	$(CM) eval --index $(DEMO_DIR)/index
 	@echo; echo "index: $(DEMO_DIR)/index   try: $(VENV)/bin/crossmodal search 'a green triangle at the top' --index $(DEMO_DIR)/index"
+	@echo "browse it:  $(VENV)/bin/crossmodal serve --index $(DEMO_DIR)/index   (then open http://127.0.0.1:8000)"
 
 # Reproduces indexer/weights/crossmodal-demo.safetensors from scratch (see README for the wall time):
 # 12 epochs from random init and 8 more at a lower learning rate, both at 64 px (crossmodal-demo-64px),

@@ -338,7 +338,7 @@ def test_sigkill_while_reindexing_then_rerun_matches_an_uninterrupted_reindex(im
     index = tmp_path / "idx"
     rng = np.random.default_rng(12)
     landed = 0
-    for point in timeline(rng, duration, OTHER_KILLS, end=0.8):  # nothing carries over: each run starts afresh
+    for point in timeline(rng, duration, OTHER_KILLS, end=0.7):  # nothing carries over: each run starts afresh
         landed += kill_while_working(reindex_command(index), index, point)
         check_consistent(index)
         assert spec_of(index)["kind"] in ("flat", "ivf")
