@@ -8,7 +8,7 @@ warning, uncaught exception, failed request or 4xx/5xx answer the test did not p
 Chromium: ``$CROSSMODAL_CHROMIUM`` or ``chromium`` on PATH (Debian's package; Playwright's own browser
 download is not needed). Without one the tests skip, except under CI (``$CI`` set), where they fail.
 Screenshots go to ``$CROSSMODAL_ARTIFACTS`` (else the test's tmp folder); with
-``CROSSMODAL_DOCS_SCREENSHOT=1`` the search screenshot is also copied to ``docs/serve.png``.
+``CROSSMODAL_DOCS_SCREENSHOT=1`` the search screenshot is also saved as ``docs/serve.jpg``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 
@@ -327,8 +328,9 @@ def test_text_search_shows_the_apis_ranking_with_loaded_thumbnails_and_pages_on(
     page.locator(".hit").nth(1).hover()
     page.screenshot(path=str(artifacts / "serve.png"), animations="disabled")
     if os.environ.get("CROSSMODAL_DOCS_SCREENSHOT"):  # the README's picture
-        (REPO / "docs").mkdir(exist_ok=True)
-        shutil.copyfile(artifacts / "serve.png", REPO / "docs" / "serve.png")
+        (REPO / "docs").mkdir(exist_ok=True)  # JPEG: the noisy demo pictures make a PNG of it 1 MB
+        Image.open(artifacts / "serve.png").convert("RGB").save(REPO / "docs" / "serve.jpg", quality=82,
+                                                                 optimize=True, progressive=True)
 
     # Paging: scrolling to the end loads the rest, in the API's order, and then stops.
     second_page = http(watched.base, "/api/search", {**sent, "offset": sent["k"]})
