@@ -18,7 +18,7 @@ EXTRA_HINT = "pip install 'crossmodal-search[serve]'"
                    "Repeatable.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; any but loopback needs --token or --insecure-no-token.")
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0 picks a free port.")
 @click.option("--token", envvar="CROSSMODAL_TOKEN", show_envvar=True, default=None,
               help="Secret every API request must carry (bearer token, or the page's login).")
 @click.option("--insecure-no-token", is_flag=True, help="Allow a non-loopback --host without a token.")

@@ -84,9 +84,9 @@ class Server:
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.load(response)
 
-    def stop(self) -> tuple[int, str]:
+    def stop(self, how: int = signal.SIGINT) -> tuple[int, str]:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            self.process.send_signal(how)
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -167,6 +167,9 @@ def test_a_public_address_needs_a_token(index, env, serve, tmp_path):
     [record] = (tmp_path / "run").glob("server-*.json")
     assert record.stat().st_mode & 0o077 == 0
     assert json.loads(crossmodal(env, "search", "a circle", "--index", index, "--json").stdout)
+    code, log = server.stop(signal.SIGTERM)  # what service managers send: a clean stop too
+    assert code == 0 and "stopped" in log, log
+    assert not list((tmp_path / "run").glob("server-*.json"))
 
 
 def test_a_missing_index_or_missing_web_stack_is_one_line(env, tmp_path):
