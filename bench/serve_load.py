@@ -33,7 +33,6 @@ import platform
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from demo_index import build_index, free_port  # bench/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parent.parent
 K = 24
@@ -64,20 +64,6 @@ def run_cli(*args: object) -> None:
     done = subprocess.run(crossmodal(*args), cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"crossmodal {' '.join(map(str, args))} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-
-
-def build_index(folder: Path) -> Path:
-    print(f"building an index of 300 generated images in {folder} ...", file=sys.stderr)
-    run_cli("data", "synth", "--out", folder / "corpus", "--n", 300, "--seed", 77, "--test", 300, "--val", 0)
-    run_cli("index", folder / "corpus" / "test", "--index", folder / "index", "--model", "crossmodal-demo",
-            "--no-progress")
-    return folder / "index"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(index: Path, port: int, scratch: Path, workers: int | None, log) -> subprocess.Popen:
@@ -436,7 +422,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="crossmodal-serve-load-") as scratch:
         scratch = Path(scratch)
-        index = (args.index or build_index(scratch)).resolve()
+        index = (args.index or build_index(scratch, 300, 77, run_cli)).resolve()
         port = free_port()
         log_path = scratch / "serve.log"
         with open(log_path, "wb") as log:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from demo_index import build_index, free_port  # bench/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parent.parent
 QUERY = "a red circle"
@@ -55,20 +56,6 @@ def measure(args: list, runs: int, env: dict) -> dict:
                          f"{errors.read().decode(errors='replace')}")
         peaks.append(usage.ru_maxrss / 1024)  # KiB on Linux
     return {"seconds": statistics.median(seconds), "peak_rss_mb": statistics.median(peaks), "runs": runs}
-
-
-def build_index(folder: Path) -> Path:
-    print(f"building an index of 200 generated images in {folder} ...", file=sys.stderr)
-    output_of("data", "synth", "--out", folder / "corpus", "--n", 200, "--seed", 5, "--test", 200, "--val", 0)
-    output_of("index", folder / "corpus" / "test", "--index", folder / "index", "--model", "crossmodal-demo",
-              "--no-progress")
-    return folder / "index"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 300) -> None:
@@ -113,7 +100,7 @@ def main() -> None:
         scratch = Path(scratch)
         # A private place for server records: this run's searches find this run's server, and no other.
         env = {**os.environ, "CROSSMODAL_RUNTIME_DIR": str(scratch / "runtime")}
-        index = (args.index or build_index(scratch)).resolve()
+        index = (args.index or build_index(scratch, 200, 5, output_of)).resolve()
         commands = output_of("--help", env=env)
         no_server = ["--no-server"] if "--no-server" in output_of("search", "--help", env=env) else []
 
