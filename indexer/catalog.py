@@ -291,8 +291,7 @@ class Catalog:
         """``read_only`` opens the file so that nothing can write it (a server): the schema must be current."""
         self.path = Path(path)
         self.read_only = read_only
-        url = f"sqlite:///file:{quote(str(self.path.absolute()))}?mode=ro&uri=true" if read_only else \
-            f"sqlite:///{self.path}"
+        url = f"sqlite:///{_read_only_uri(self.path)}&uri=true" if read_only else f"sqlite:///{self.path}"
         self.engine: Engine = create_engine(url, future=True)
         event.listen(self.engine, "connect", _configure_read_only if read_only else _configure_connection)
         event.listen(self.engine, "handle_error", self._raise_if_damaged)
@@ -312,8 +311,7 @@ class Catalog:
         """
         with self._watch_lock:
             if self._watch is None:
-                self._watch = sqlite3.connect(f"file:{quote(str(self.path.absolute()))}?mode=ro", uri=True,
-                                              check_same_thread=False)
+                self._watch = sqlite3.connect(_read_only_uri(self.path), uri=True, check_same_thread=False)
             return self._watch.execute("PRAGMA data_version").fetchone()[0]
 
     def _raise_if_damaged(self, context) -> None:
@@ -639,6 +637,10 @@ def _configure_connection(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def _read_only_uri(path: Path) -> str:
+    return f"file:{quote(str(path.absolute()))}?mode=ro"
 
 
 def _configure_read_only(dbapi_connection, _record) -> None:

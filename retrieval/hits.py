@@ -28,3 +28,6 @@ class Answer:
     notes: list[str] = field(default_factory=list)  # what the user should know (a cut query, a damaged file)
     timings: dict[str, float] = field(default_factory=dict)  # seconds: encode, search, catalog
     has_more: bool = False  # a later page (offset + k) holds more hits
+    # The catalog's views of the hits, by id, as read for this answer: a server shows their sizes and
+    # folders without reading them again.
+    items: dict = field(default_factory=dict, repr=False, compare=False)

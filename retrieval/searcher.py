@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from indexer.catalog import ItemView
 from indexer.decode import DRAFT_FACTOR
 from indexer.encoder import Encoder
 from indexer.errors import QueryError
@@ -174,20 +175,22 @@ class Searcher:
     def search_vectors(self, queries: np.ndarray, *, to: str = "image", k: int = 10) -> list[list[Hit]]:
         """Search with a batch of query vectors (N, dim); they are L2-normalised here."""
         _check_page(k, 0)
-        return [hits for hits, _ in self._search(queries, to, k, {}, self.settings)]
+        return [hits for hits, _ in self._search(queries, to, k, {}, self.settings)[0]]
 
     def _answer(self, vector, to: str, k: int, offset: int, notes: list[str], timings: dict[str, float],
                 settings: dict | None, exclude: int | None = None) -> Answer:
         settings = {**self.settings, **_check_settings(self.store.spec, settings or {})}
         # One more than the page (and the excluded item): whether a next page exists.
-        [(hits, more)] = self._search(vector, to, offset + k + 1 + (exclude is not None), timings, settings, exclude)
+        [(hits, more)], items = self._search(vector, to, offset + k + 1 + (exclude is not None), timings, settings,
+                                             exclude)
         page = [replace(hit, rank=offset + i + 1) for i, hit in enumerate(hits[offset:offset + k])]
         problem = self._problems.get(to)
-        return Answer(page, notes + ([problem] if problem else []), timings, more or len(hits) > offset + k)
+        return Answer(page, notes + ([problem] if problem else []), timings, more or len(hits) > offset + k,
+                      {hit.id: items[hit.id] for hit in page})
 
     def _search(self, queries, to: str, k: int, timings: dict[str, float], settings: dict,
-                exclude: int | None = None) -> list[tuple[list[Hit], bool]]:
-        """Per query: its hits, and whether the vectors held more than were asked for."""
+                exclude: int | None = None) -> tuple[list[tuple[list[Hit], bool]], dict[int, ItemView]]:
+        """Per query: its hits, and whether the vectors held more than were asked for; and the items read."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         dim = self.store.meta.embed_dim
         if queries.ndim != 2 or queries.shape[1] != dim:
@@ -201,7 +204,7 @@ class Searcher:
         with self._locks[to]:
             held = len(store)
             if held == 0:
-                return [([], False) for _ in queries]
+                return [([], False) for _ in queries], {}
             scores, ids = store.search(queries, k, **settings)
         timings["search"] = timings.get("search", 0.0) + time.perf_counter() - started
         started = time.perf_counter()
@@ -217,7 +220,7 @@ class Searcher:
                                 item.image_id, item.origin))
             results.append((hits, held > k))
         timings["catalog"] = timings.get("catalog", 0.0) + time.perf_counter() - started
-        return results
+        return results, items
 
     def _query_image(self, path: Path, notes: list[str]) -> Image.Image:
         draft_size = self.encoder.image_size * DRAFT_FACTOR  # loads the model first: its warnings are not the file's

@@ -20,7 +20,7 @@ from indexer.decode import DRAFT_FACTOR
 from indexer.errors import CrossmodalError, QueryError
 from indexer.imageio import NotAnImage, TooLarge, open_image
 
-from ..searcher import SEARCH_SETTINGS, Answer, Searcher
+from ..searcher import MAX_K, SEARCH_SETTINGS, Answer, Searcher
 from .files import NotFound, Thumbnails, default_cache_dir, indexed_file
 from .settings import ServeSettings
 
@@ -63,8 +63,8 @@ class Query:
                 raise QueryError(f"unknown search setting {name}: use {', '.join(sorted(SEARCH_SETTINGS))}")
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= SETTING_MAX[name]:
                 raise QueryError(f"{name} must be between 1 and {SETTING_MAX[name]}, got {value!r}")
-        if not isinstance(self.offset, int) or not 0 <= self.offset <= 10_000 - self.k:
-            raise QueryError(f"offset must be between 0 and {10_000 - self.k}, got {self.offset!r}")
+        if not isinstance(self.offset, int) or not 0 <= self.offset <= MAX_K - self.k:
+            raise QueryError(f"offset must be between 0 and {MAX_K - self.k}, got {self.offset!r}")
 
     @property
     def target(self) -> str:
@@ -109,7 +109,8 @@ class ServedIndex:
     def _as_dict(self, answer: Answer, to: str, query: Query) -> dict:
         started = time.perf_counter()
         image_ids = [h.id if h.kind == "image" else h.image_id for h in answer.hits]
-        images = self.catalog.items([i for i in image_ids if i is not None])
+        missing = [i for i in image_ids if i is not None and i not in answer.items]  # the images of caption hits
+        images = {**answer.items, **self.catalog.items(missing)} if missing else answer.items
         captions = self.catalog.captions_of(list(images))
         hits = [self._hit(hit, images.get(image_id), captions.get(image_id, []))
                 for hit, image_id in zip(answer.hits, image_ids)]
