@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -533,7 +534,7 @@ class Catalog:
         views: dict[int, ItemView] = {}
         with self.engine.connect() as conn:
             for chunk in _chunks([int(i) for i in ids]):
-                for r in conn.execute(_items_query(), {"ids": list(chunk)}):
+                for r in conn.execute(_items_query(), {"ids": list(chunk)}).all():
                     item_id, kind, root, rel, img_root, img_rel, txt, image_id, origin, w, h, err, warn, size, mtime = r
                     path = folder = None
                     if rel is not None and root is not None:
@@ -551,8 +552,9 @@ class Catalog:
         found: dict[int, list[tuple[int, str]]] = {}
         with self.engine.connect() as conn:
             for chunk in _chunks([int(i) for i in image_ids]):
-                for image_id, item_id, txt in conn.execute(_captions_query(), {"ids": list(chunk)}):
-                    found.setdefault(image_id, []).append((item_id, txt))
+                for image_id, item_id, kind, txt in conn.execute(_captions_query(), {"ids": list(chunk)}).all():
+                    if kind == CAPTION:
+                        found.setdefault(image_id, []).append((item_id, txt))
         return found
 
     def counts(self) -> dict[str, int]:
@@ -609,8 +611,10 @@ def _items_query():
 
 @functools.cache
 def _captions_query():
-    return (select(ItemRow.image_id, ItemRow.id, ItemRow.text)
-            .where(ItemRow.kind == CAPTION, ItemRow.image_id.in_(bindparam("ids", expanding=True)))
+    # Filtered on image_id alone: with kind in the WHERE too, SQLite (without ANALYZE statistics) walks
+    # the (kind, sha256) index over every caption instead of looking up the few images asked for.
+    return (select(ItemRow.image_id, ItemRow.id, ItemRow.kind, ItemRow.text)
+            .where(ItemRow.image_id.in_(bindparam("ids", expanding=True)))
             .order_by(ItemRow.id))
 
 
@@ -625,8 +629,9 @@ def is_damage(exc: BaseException) -> bool:
 
 
 def _absolute(root: str, rel: str) -> str:
-    # Imported embeddings may name their images by URL (or absolute path, which / keeps as is).
-    return rel if "://" in rel else str(Path(root) / rel)
+    # Imported embeddings may name their images by URL (or absolute path, which join keeps as is).
+    # os.path, not pathlib: searches build one per hit, and Path() was half of looking items up.
+    return rel if "://" in rel else os.path.join(root, rel)
 
 
 def _configure_connection(dbapi_connection, _record) -> None:

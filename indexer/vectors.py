@@ -342,6 +342,17 @@ def _new_index(spec: IndexSpec, dim: int):
     raise CrossmodalError(f"internal: a {spec.kind} index is made by training")
 
 
+def serial_in_this_thread() -> None:
+    """Make the FAISS work of the calling thread run on that thread alone (OpenMP's per-thread setting).
+
+    For a server's query threads: each of them answers one query at a time, and FAISS spreads a
+    single query over threads hardly at all; but every thread that opens an OpenMP team keeps it, and
+    libgomp (shared with torch) stops spinning between parallel regions once its teams hold more
+    threads than there are cores, which made every encode 2x slower.
+    """
+    faiss.omp_set_num_threads(1)
+
+
 def gpu_count() -> int:
     """GPUs faiss can use: 0 with faiss-cpu (the GPU build is ``pip install 'crossmodal-search[gpu]'``)."""
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0

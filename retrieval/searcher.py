@@ -183,7 +183,9 @@ class Searcher:
         # One more than the page (and the excluded item): whether a next page exists.
         [(hits, more)], items = self._search(vector, to, offset + k + 1 + (exclude is not None), timings, settings,
                                              exclude)
-        page = [replace(hit, rank=offset + i + 1) for i, hit in enumerate(hits[offset:offset + k])]
+        page = hits[offset:offset + k]
+        if offset:  # hits are ranked from 1
+            page = [replace(hit, rank=offset + i + 1) for i, hit in enumerate(page)]
         problem = self._problems.get(to)
         return Answer(page, notes + ([problem] if problem else []), timings, more or len(hits) > offset + k,
                       {hit.id: items[hit.id] for hit in page})

@@ -114,3 +114,28 @@ def test_version_1_index_is_upgraded_in_place(tmp_path):
     assert cat.schema_version() == SCHEMA_VERSION and cat.roots() == ["/photos"]
     run_id = cat.add_eval_run("m / none (4-d)", '{"kind": "flat"}', "index", {"text_to_image": {"R@1": 0.5}})
     assert [(r.id, r.result["text_to_image"]["R@1"]) for r in cat.eval_runs()] == [(run_id, 0.5)]
+
+
+def test_captions_of_images_are_looked_up_by_image_not_by_walking_every_caption(catalog):
+    root = catalog.root_id("/photos")
+    a, b = catalog.write_images(root, [ImageWrite(f"{n}.jpg", 1, 1, n, vector=unit(i)) for i, n in enumerate("ab")])
+    texts = [TextWrite("caption", f"{n} {i}", f"{n}{i}", "sidecar", i, img, unit(10 + i))
+             for n, img in (("a", a), ("b", b)) for i in range(2)]
+    ids = catalog.write_texts(root, texts + [TextWrite("text", "alone", "t", "texts.txt", 1, None, unit(20))])
+    assert catalog.captions_of([a, b, 999]) == {a: [(ids[0], "a 0"), (ids[1], "a 1")],
+                                                b: [(ids[2], "b 0"), (ids[3], "b 1")]}
+    assert catalog.items([a])[a].path == "/photos/a.jpg"
+    # The plan SQLite picks for the statement captions_of runs: the image_id index, whatever the
+    # number of captions (filtering on kind in SQL made it walk all of them through the kind index).
+    statements = []
+    listener = lambda conn, cursor, sql, params, context, many: statements.append((sql, params))  # noqa: E731
+    from sqlalchemy import event
+    event.listen(catalog.engine, "before_cursor_execute", listener)
+    try:
+        catalog.captions_of([a, b])
+    finally:
+        event.remove(catalog.engine, "before_cursor_execute", listener)
+    [(sql, params)] = statements
+    with catalog.engine.connect() as conn:
+        plan = " ".join(str(row[-1]) for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, tuple(params)))
+    assert "ix_items_image_id" in plan, plan

@@ -302,3 +302,39 @@ def test_searches_from_many_threads_agree_with_one_at_a_time(service, demo):
     for thread in [*threads, refresher]:
         thread.join()
     assert [results[row] for row in range(40)] == alone
+
+
+def test_a_fault_of_ours_is_a_json_500_without_the_traceback(service, monkeypatch):
+    def broken(_name):
+        raise RuntimeError("secret internals at /srv/x.py line 3")
+
+    with TestClient(create_app(service), raise_server_exceptions=False) as client:
+        monkeypatch.setattr(service, "index", broken)
+        response = client.get("/api/items/1")
+        assert response.status_code == 500
+        assert response.json() == {"error": "the server failed to answer this request; its log says why"}
+        assert "secret" not in response.text and response.headers["x-content-type-options"] == "nosniff"
+        monkeypatch.undo()
+        assert client.get("/api/items/999999").headers["x-content-type-options"] == "nosniff"
+        assert 'crossmodal_errors_total{route="/api/items/{item_id}"} 1.0' in client.get("/metrics").text
+
+
+def test_the_login_cookie_is_found_among_others(demo):
+    service = Service(ServeSettings({"shapes": demo / "index"}, cache_dir=demo / "thumbs", token="s3cret"))
+    try:
+        with TestClient(create_app(service)) as client:
+            headers = {"Cookie": "theme=dark; crossmodal_token=s3cret; odd"}
+            assert client.get("/api/indexes", headers=headers).status_code == 200
+            headers = {"Cookie": "crossmodal_token=s3cre; theme=dark"}
+            assert client.get("/api/indexes", headers=headers).status_code == 401
+    finally:
+        service.close()
+
+
+def test_query_threads_run_faiss_serially_and_the_model_encodes_in_its_own_thread(service):
+    import faiss
+
+    assert service.submit(faiss.omp_get_max_threads).result(30) == 1
+    assert faiss.omp_get_max_threads() >= 1  # this thread's setting is its own
+    encoder = service.index("shapes").searcher.encoder
+    assert type(encoder).__name__ == "BatchingEncoder" and encoder._thread.is_alive()

@@ -11,35 +11,27 @@ import asyncio
 import hmac
 import json
 import logging
-import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from indexer.errors import CrossmodalError, QueryError
 
 from .files import MAX_THUMB_SIZE, THUMB_SIZE, Forbidden, NotFound
+from .guard import COOKIE, JSON, Guard, error
 from .metrics import Metrics
 from .service import SETTING_MAX, Busy, Query, Service, UploadTooLarge
 
 STATIC = Path(__file__).with_name("static")
-COOKIE = "crossmodal_token"
-PROTECTED = ("/api/", "/thumbs/", "/files/", "/metrics")
-RETRY_AFTER_S = 1
 # The page loads only its own files; images may also be blobs (a dropped query image shown back).
 CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; script-src 'self'; "
        "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
 log = logging.getLogger("crossmodal.serve")
-
-
-def error(status: int, message: str, **extra) -> JSONResponse:
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
-    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
 
 
 def status_of(exc: CrossmodalError) -> int:
@@ -54,34 +46,10 @@ def create_app(service: Service) -> FastAPI:
     app = FastAPI(title="crossmodal", summary="Cross-modal search over image folders and captions",
                   docs_url="/docs", redoc_url=None)
     metrics = Metrics(lambda: service.in_flight)
+    app.add_middleware(Guard, token=settings.token, metrics=metrics)
     if settings.cors:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], allow_credentials=True)
-
-    def authorised(request: Request) -> bool:
-        if not settings.token:
-            return True
-        header = request.headers.get("authorization", "")
-        given = header[7:] if header.lower().startswith("bearer ") else request.cookies.get(COOKIE, "")
-        return hmac.compare_digest(given.encode(), settings.token.encode())
-
-    @app.middleware("http")
-    async def guard_and_measure(request: Request, call_next):
-        started = time.perf_counter()
-        path = request.url.path
-        if path.startswith(PROTECTED) and path != "/api/login" and not authorised(request):
-            response = error(401, "this server needs its token: log in on the page, or send "
-                                  "'Authorization: Bearer TOKEN'", login=True)
-        else:
-            try:
-                response = await call_next(request)
-            except Exception:  # a fault of ours: logged with its traceback, answered without it
-                log.exception("error answering %s %s", request.method, path)
-                response = error(500, "the server failed to answer this request; its log says why")
-        route = request.scope.get("route")
-        metrics.request(getattr(route, "path", "unmatched"), response.status_code, time.perf_counter() - started)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        return response
 
     @app.exception_handler(CrossmodalError)
     async def domain_error(_request: Request, exc: CrossmodalError):
@@ -125,7 +93,7 @@ def create_app(service: Service) -> FastAPI:
             return {"ok": True, "needed": False}
         if not isinstance(token, str) or not hmac.compare_digest(token.encode(), settings.token.encode()):
             return error(401, "wrong token", login=True)
-        response = JSONResponse({"ok": True})
+        response = JSON({"ok": True})
         response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
         return response
 
@@ -134,10 +102,10 @@ def create_app(service: Service) -> FastAPI:
     def indexes():
         return {"indexes": [served.describe() for served in service.indexes.values()]}
 
-    async def answer(name: str | None, query: Query) -> dict:
+    async def answer(name: str | None, query: Query) -> JSON:
         result = await asyncio.wrap_future(service.submit(service.search, name, query))
         metrics.query(result["timings_ms"])
-        return result
+        return JSON(result)
 
     @app.post("/api/search", summary="Search by text, uploaded image, item id or vector",
               openapi_extra={"requestBody": SEARCH_BODY})
@@ -155,7 +123,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/api/items/{item_id}", summary="An item: path, size, captions, source")
     def item(item_id: int, index: str | None = None):
-        return service.index(index).item(item_id)
+        return JSON(service.index(index).item(item_id))
 
     @app.get("/api/items/{item_id}/similar", summary="More like an indexed item")
     async def similar(item_id: int, index: str | None = None, to: str = "image", k: int = 24, offset: int = 0):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import io
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -19,8 +20,10 @@ from pathlib import Path
 from indexer.decode import DRAFT_FACTOR
 from indexer.errors import CrossmodalError, QueryError
 from indexer.imageio import NotAnImage, TooLarge, open_image
+from indexer.vectors import serial_in_this_thread
 
 from ..searcher import MAX_K, SEARCH_SETTINGS, Answer, Searcher
+from .batching import BatchingEncoder
 from .files import NotFound, Thumbnails, default_cache_dir, indexed_file
 from .settings import ServeSettings
 
@@ -162,10 +165,8 @@ def _relative(image) -> str | None:
         return None
     if image.root is None:
         return image.path  # an address
-    try:
-        return str(Path(image.path).relative_to(image.root))
-    except ValueError:
-        return image.path
+    root = image.root.rstrip("/\\") + os.sep
+    return image.path[len(root):] if image.path.startswith(root) else image.path
 
 
 def decode_upload(data: bytes, draft_size: int, max_megapixels: float):
@@ -187,7 +188,9 @@ class Service:
     def __init__(self, settings: ServeSettings, say: Callable[[str], None] = lambda line: None):
         self.settings = settings
         self.indexes: dict[str, ServedIndex] = {}
-        self._pool = concurrent.futures.ThreadPoolExecutor(settings.workers, thread_name_prefix="cm-query")
+        self._encoders: list[BatchingEncoder] = []  # one per model, shared by its indexes
+        self._pool = concurrent.futures.ThreadPoolExecutor(settings.workers, thread_name_prefix="cm-query",
+                                                           initializer=serial_in_this_thread)
         self._decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cm-upload")
         self._slots = threading.BoundedSemaphore(settings.workers + settings.queue)
         self._in_flight = 0
@@ -210,9 +213,10 @@ class Service:
                                      pretrained=self.settings.pretrained, device=self.settings.device)
             identity = searcher.store.identity
             key = (identity.name, identity.pretrained, identity.checkpoint_sha256)
-            if key in encoders:
-                searcher = Searcher(searcher.store, encoder=encoders[key], device=self.settings.device)
-            encoders[key] = searcher.encoder
+            if key not in encoders:
+                encoders[key] = BatchingEncoder(lambda searcher=searcher: searcher.encoder)
+                self._encoders.append(encoders[key])
+            searcher = Searcher(searcher.store, encoder=encoders[key], device=self.settings.device)
             opened = time.perf_counter()
             for modality in ("image", "text"):
                 searcher.vectors(modality)
@@ -275,6 +279,7 @@ class Service:
                              "send a smaller or simpler one") from None
 
     def _refresh_loop(self) -> None:
+        serial_in_this_thread()
         while not self._stop.wait(self.settings.refresh_seconds):
             for served in list(self.indexes.values()):
                 try:
@@ -288,3 +293,5 @@ class Service:
         self._decoder.shutdown(wait=False, cancel_futures=True)
         for served in self.indexes.values():
             served.searcher.close()
+        for encoder in self._encoders:
+            encoder.close()
