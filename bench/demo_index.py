@@ -8,11 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def build_index(folder: Path, n: int, seed: int, run: Callable[..., object]) -> Path:
-    """``n`` generated images indexed with the bundled demo model; ``run(*args)`` runs one crossmodal command."""
-    print(f"building an index of {n} generated images in {folder} ...", file=sys.stderr)
+def build_index(folder: Path, n: int, seed: int, run: Callable[..., object], model: str = "crossmodal-demo",
+                pretrained: str | None = None) -> Path:
+    """``n`` generated images indexed with ``model`` (the bundled demo model unless told otherwise);
+    ``run(*args)`` runs one crossmodal command."""
+    print(f"building an index of {n} generated images with {model} in {folder} ...", file=sys.stderr)
     run("data", "synth", "--out", folder / "corpus", "--n", n, "--seed", seed, "--test", n, "--val", 0)
-    run("index", folder / "corpus" / "test", "--index", folder / "index", "--model", "crossmodal-demo",
+    weights = ("--pretrained", pretrained) if pretrained else ()
+    run("index", folder / "corpus" / "test", "--index", folder / "index", "--model", model, *weights,
         "--no-progress")
     return folder / "index"
 

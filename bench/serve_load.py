@@ -415,6 +415,11 @@ def main() -> None:
                         help="Relative weights of the kinds of request in the mixed load.")
     parser.add_argument("--warmup", type=int, default=5, help="Warm-up rounds (one query of each kind per round).")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--images", type=int, default=300, help="Images in the index built [default: 300].")
+    parser.add_argument("--model", default="crossmodal-demo",
+                        help="Model of the index built, e.g. ViT-B-32 with --pretrained none: a real model's "
+                             "compute without its download [default: the bundled demo model].")
+    parser.add_argument("--pretrained", default=None, help="Its weights (a tag, a file, or none).")
     args = parser.parse_args()
 
     print("command: " + shlex.join([Path(sys.executable).name, *sys.argv]))
@@ -422,7 +427,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="crossmodal-serve-load-") as scratch:
         scratch = Path(scratch)
-        index = (args.index or build_index(scratch, 300, 77, run_cli)).resolve()
+        index = (args.index or build_index(scratch, args.images, 77, run_cli, args.model, args.pretrained)).resolve()
         port = free_port()
         log_path = scratch / "serve.log"
         with open(log_path, "wb") as log:
@@ -452,7 +457,9 @@ def main() -> None:
     rows["thumb cached (1 client)"] = summary(cached, sum(s.seconds for s in cached))
     rows["text only (1 client)"] = summary(single, single_s)
 
-    where = index if args.index else "300 generated images (seed 77), crossmodal-demo, flat (built here, removed)"
+    weights = f" ({args.pretrained})" if args.pretrained else ""
+    where = index if args.index else (f"{args.images} generated images (seed 77), {args.model}{weights}, flat "
+                                      "(built here, removed)")
     mix = ", ".join(f"{k} {v:g}" for k, v in args.mix.items())
     print(f"\nindex: {where}; server --workers {args.workers or 'default'}; k={K}")
     print(f"mixed load: {args.clients} clients for {mixed_s:.1f}s (mix {mix}); then text only, 1 client, "

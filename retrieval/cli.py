@@ -170,8 +170,12 @@ def _echo_library_warnings(warned: dict[str, list[str]], verbose: bool) -> None:
 
 @cli.command("search")
 @click.argument("query", required=False)
-@click.option("--image", "image", type=click.Path(path_type=Path, dir_okay=False),
-              help="Search with this image instead of text.")
+@click.option("--image", "images", multiple=True, metavar="[W:]PATH",
+              help="Search with this image (repeatable; terms add up, see below).")
+@click.option("--text", "texts", multiple=True, metavar="[W:]TEXT", help="A text term (repeatable).")
+@click.option("--like", "likes", multiple=True, metavar="[W:]ID",
+              help="More like this indexed item (an id from search --json; repeatable).")
+@click.option("--not", "nots", multiple=True, metavar="[W:]TEXT", help="Less like this text (repeatable).")
 @click.option("--to", "target", type=click.Choice(["image", "text"]), default=None,
               help="What to find [default: images for a text query, texts for an image query].")
 @click.option("-k", "--top-k", "k", type=int, default=10, show_default=True, help="Number of results.")
@@ -183,37 +187,44 @@ def _echo_library_warnings(warned: dict[str, list[str]], verbose: bool) -> None:
 @model_options
 @json_option
 @domain_errors
-def search_cmd(query, image, target, k, nprobe, ef_search, rerank, no_server, index_dir, model, pretrained, device,
-               as_json):
-    """Search the index by text (QUERY) or by --image.
+def search_cmd(query, images, texts, likes, nots, target, k, nprobe, ef_search, rerank, no_server, index_dir, model,
+               pretrained, device, as_json):
+    """Search the index by text (QUERY), by --image, or by several terms added up.
 
     \b
     crossmodal search "a dog on a beach"
     crossmodal search "a dog on a beach" --to text
     crossmodal search --image query.jpg --to image -k 5
     crossmodal search "a dog on a beach" --nprobe 64      # more recall from an ivf index, this once
+    crossmodal search "a beach" --image dog.jpg --not "people"          # terms add up
+    crossmodal search --text "2:a red car" --like 1234 --not 0.5:night  # W: weighs a term
+
+    Each term is encoded and made unit length, multiplied by its weight (1 unless W: says; --not
+    negates it), and their sum, made unit length again, is the query. Items given with --like
+    are left out of the results.
     """
-    if (query is None) == (image is None):
-        raise click.UsageError("give either a text QUERY or --image PATH")
+    from .terms import Term, cli_terms
+
+    terms = ([Term(text=query)] if query is not None else []) + cli_terms(texts, images, likes, nots)
+    if not terms:
+        raise click.UsageError("give a text QUERY, --image PATH, or terms (--text, --like, --not)")
     settings = {"nprobe": nprobe, "ef_search": ef_search, "rerank": rerank}
-    to = target or ("text" if image is not None else "image")
+    to = target or ("text" if all(term.image is not None for term in terms) else "image")
     answer = None
-    if not no_server and model is None and pretrained is None:  # a running server has the index's own model
+    local = any(term.image is not None for term in terms) and len(terms) > 1  # image files + terms: in-process
+    if not no_server and not local and model is None and pretrained is None:  # a server has the index's model
         from .serve.client import ask
         from .serve.runtime import server_for
 
         found = server_for(index_dir)
         if found:
-            answer = ask(found[0], found[1], text=query, image=image, to=to, k=k, settings=settings)
+            answer = ask(found[0], found[1], terms=terms, to=to, k=k, settings=settings)
     if answer is None:
         from .searcher import Searcher
 
         with Searcher.open(index_dir, model=model, pretrained=pretrained, device=device,
                            settings=settings) as searcher:
-            if image is not None:
-                answer = searcher.answer_image(image, to=to, k=k)
-            else:
-                answer = searcher.answer_text(query, to=to, k=k)
+            answer = searcher.answer_terms(terms, to=to, k=k)
     hits = answer.hits
     for note in answer.notes:
         click.echo(f"note: {printable(note)}", err=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from indexer.store import MODALITIES, IndexStore, encoder_for, identity_from_met
 from indexer.vectors import VectorStore, gpu_wanted
 
 from .hits import Answer, Hit
+from .terms import KINDS as TERM_KINDS
+from .terms import Term, check_terms
 
 MAX_K = 10_000
 SEARCH_SETTINGS_OF = {"ivf": ("nprobe",), "ivfpq": ("nprobe", "rerank"), "hnsw": ("ef_search",),
@@ -135,42 +138,89 @@ class Searcher:
                     settings: dict | None = None) -> Answer:
         """The ``k`` best ``to`` items from rank ``offset`` on; ``settings`` override nprobe, ef_search or
         rerank for this query only (the other ``answer_*`` methods take the same page and settings)."""
-        if not isinstance(query, str) or not query.strip():
-            raise QueryError("empty text query: give some words to search for")
-        _check_page(k, offset)
-        notes: list[str] = []
-        started = time.perf_counter()
-        cut = getattr(self.encoder, "text_overflow", lambda _: 0)(query.strip())
-        if cut:
-            notes.append(f"the query is {cut} tokens longer than the model reads; only its start was used")
-        vector = self.encoder.encode_texts([query.strip()])
-        return self._answer(vector, to, k, offset, notes, {"encode": time.perf_counter() - started}, settings)
+        return self.answer_terms([Term(text=query)], to=to, k=k, offset=offset, settings=settings)
 
     def answer_image(self, image: str | Path | Image.Image, *, to: str = "text", k: int = 10,
                      offset: int = 0, settings: dict | None = None) -> Answer:
         """``image``: a path, or a PIL image already opened (and bounded) by the caller."""
-        _check_page(k, offset)
-        notes: list[str] = []
-        started = time.perf_counter()
-        image = self._query_image(Path(image), notes) if not isinstance(image, Image.Image) else to_rgb(image)
-        vector = self.encoder.encode_pil([image])
-        return self._answer(vector, to, k, offset, notes, {"encode": time.perf_counter() - started}, settings)
+        return self.answer_terms([Term(image=image)], to=to, k=k, offset=offset, settings=settings)
 
     def answer_item(self, item_id: int, *, to: str = "image", k: int = 10, offset: int = 0,
                     settings: dict | None = None) -> Answer:
         """More like an indexed item: its stored vector is the query, and the item itself is left out."""
-        _check_page(k, offset)
-        started = time.perf_counter()
-        vector = self.store.fetch_vectors([item_id], strict=False)
-        if np.isnan(vector).any():
-            raise QueryError(f"no indexed item {item_id}: it was removed, skipped, or never there")
-        return self._answer(vector, to, k, offset, [], {"catalog": time.perf_counter() - started}, settings,
-                            exclude=item_id)
+        return self.answer_terms([Term(item=item_id)], to=to, k=k, offset=offset, settings=settings)
 
     def answer_vector(self, vector, *, to: str = "image", k: int = 10, offset: int = 0,
                       settings: dict | None = None) -> Answer:
+        return self.answer_terms([Term(vector=vector)], to=to, k=k, offset=offset, settings=settings)
+
+    def answer_terms(self, terms: Sequence[Term], *, to: str = "image", k: int = 10, offset: int = 0,
+                     settings: dict | None = None) -> Answer:
+        """A fused query: ``q = normalize(sum_i w_i * normalize(v_i))``.
+
+        ``v_i`` is term i's text or image encoded by the index's model, an indexed item's stored
+        vector, or a vector given as is; ``w_i`` its weight, negative for "less like this". Items used
+        as terms are left out of the results. Raises :class:`QueryError` when the terms cancel out.
+        """
+        terms = list(terms)
+        check_terms(terms)
         _check_page(k, offset)
-        return self._answer(vector, to, k, offset, [], {}, settings)
+        notes: list[str] = []
+        timings: dict[str, float] = {}
+        vectors = self._term_vectors(terms, notes, timings)
+        weights = np.array([term.weight for term in terms], dtype=np.float32)
+        query = weights @ vectors
+        if np.linalg.norm(query) <= 1e-6 * np.abs(weights).sum():
+            raise QueryError("the query's terms cancel out (the same thing searched for and against): "
+                             "change a weight or drop a term")
+        exclude = {term.item for term in terms if term.item is not None}
+        return self._answer(query, to, k, offset, notes, timings, settings, exclude)
+
+    def _term_vectors(self, terms: list[Term], notes: list[str], timings: dict[str, float]) -> np.ndarray:
+        """One unit vector per term, in order; texts and images are each encoded as one batch."""
+        dim = self.store.meta.embed_dim
+        out = np.zeros((len(terms), dim), dtype=np.float32)
+        rows = {kind: [n for n, term in enumerate(terms) if term.kind == kind] for kind in TERM_KINDS}
+        started = time.perf_counter()
+        if rows["text"]:
+            texts = [self._query_text(terms[n].text, notes) for n in rows["text"]]
+            out[rows["text"]] = self.encoder.encode_texts(texts)
+        if rows["image"]:
+            images = [to_rgb(im) if isinstance(im, Image.Image) else self._query_image(Path(im), notes)
+                      for im in (terms[n].image for n in rows["image"])]
+            out[rows["image"]] = self.encoder.encode_pil(images)
+        if rows["text"] or rows["image"]:
+            timings["encode"] = time.perf_counter() - started
+        if rows["item"]:
+            started = time.perf_counter()
+            ids = [terms[n].item for n in rows["item"]]
+            stored = self.store.fetch_vectors(ids, strict=False)
+            for item_id, row in zip(ids, stored):
+                if np.isnan(row).any():
+                    raise QueryError(f"no indexed item {item_id}: it was removed, skipped, or never there")
+            out[rows["item"]] = stored
+            timings["catalog"] = time.perf_counter() - started
+        for n in rows["vector"]:
+            vector = np.asarray(terms[n].vector, dtype=np.float32)
+            if vector.ndim != 1 or vector.shape[0] != dim:
+                raise QueryError(f"query vectors have {vector.shape[-1] if vector.ndim else 1} dimensions, "
+                                 f"the index has {dim}")
+            if not np.isfinite(vector).all():
+                raise QueryError("query vectors hold NaN or infinite values")
+            out[n] = vector
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        if (norms == 0).any():
+            raise QueryError("a query vector is all zeros: it points nowhere")
+        return out / norms
+
+    def _query_text(self, text, notes: list[str]) -> str:
+        if not isinstance(text, str) or not text.strip():
+            raise QueryError("empty text query: give some words to search for")
+        text = text.strip()
+        cut = getattr(self.encoder, "text_overflow", lambda _: 0)(text)
+        if cut:
+            notes.append(f"the query is {cut} tokens longer than the model reads; only its start was used")
+        return text
 
     def search_vectors(self, queries: np.ndarray, *, to: str = "image", k: int = 10) -> list[list[Hit]]:
         """Search with a batch of query vectors (N, dim); they are L2-normalised here."""
@@ -178,11 +228,10 @@ class Searcher:
         return [hits for hits, _ in self._search(queries, to, k, {}, self.settings)[0]]
 
     def _answer(self, vector, to: str, k: int, offset: int, notes: list[str], timings: dict[str, float],
-                settings: dict | None, exclude: int | None = None) -> Answer:
+                settings: dict | None, exclude: set[int] = frozenset()) -> Answer:
         settings = {**self.settings, **_check_settings(self.store.spec, settings or {})}
         # One more than the page (and the excluded item): whether a next page exists.
-        [(hits, more)], items = self._search(vector, to, offset + k + 1 + (exclude is not None), timings, settings,
-                                             exclude)
+        [(hits, more)], items = self._search(vector, to, offset + k + 1 + len(exclude), timings, settings, exclude)
         page = hits[offset:offset + k]
         if offset:  # hits are ranked from 1
             page = [replace(hit, rank=offset + i + 1) for i, hit in enumerate(page)]
@@ -191,7 +240,7 @@ class Searcher:
                       {hit.id: items[hit.id] for hit in page})
 
     def _search(self, queries, to: str, k: int, timings: dict[str, float], settings: dict,
-                exclude: int | None = None) -> tuple[list[tuple[list[Hit], bool]], dict[int, ItemView]]:
+                exclude: set[int] = frozenset()) -> tuple[list[tuple[list[Hit], bool]], dict[int, ItemView]]:
         """Per query: its hits, and whether the vectors held more than were asked for; and the items read."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         dim = self.store.meta.embed_dim
@@ -216,7 +265,7 @@ class Searcher:
             hits: list[Hit] = []
             for score, item_id in zip(row_scores, row_ids):
                 item = items.get(int(item_id))
-                if item is None or item.id == exclude:  # padding (-1), or deleted since the vectors were read
+                if item is None or item.id in exclude:  # padding (-1), or deleted since the vectors were read
                     continue
                 hits.append(Hit(len(hits) + 1, float(score), item.id, item.kind, item.path, item.text,
                                 item.image_id, item.origin))

@@ -44,6 +44,18 @@ def test_search_image_finds_itself_and_captions(invoke, photo_dir):
     assert "'a first caption'" in table and "rank" in table
 
 
+def test_search_adds_up_terms_and_leaves_liked_items_out(invoke, photo_dir):
+    invoke("index", photo_dir, "--workers", "0", "--no-progress")
+    [me] = json.loads(invoke("search", "--image", photo_dir / "img2.png", "--to", "image", "-k", "1", "--json").output)
+    fused = json.loads(invoke("search", "--image", f"2:{photo_dir / 'img2.png'}", "--text", "0.5:a first caption",
+                              "--not", "another caption for img0", "--to", "image", "--json").output)
+    assert fused[0]["id"] == me["id"]  # weighted twice as much as the rest: the image still leads
+    liked = json.loads(invoke("search", "--like", str(me["id"]), "--to", "image", "--json").output)
+    assert liked and me["id"] not in [h["id"] for h in liked]
+    both = json.loads(invoke("search", "anything", "--like", str(me["id"]), "--json").output)
+    assert me["id"] not in [h["id"] for h in both]
+
+
 def test_info_json_and_human(invoke, photo_dir):
     (photo_dir / "bad.png").write_bytes(b"nope")
     invoke("index", photo_dir, "--workers", "0", "--no-progress")
@@ -76,7 +88,10 @@ def test_user_errors_are_one_line(invoke, photo_dir, tmp_path):
         (["search", "--image", not_image], "cannot read query image"),
         (["search", "--image", tmp_path / "nope.jpg"], "not found"),
         (["search", "x", "-k", "0"], "k must be a positive"),
-        (["search"], "either a text QUERY or --image"),
+        (["search"], "give a text QUERY, --image PATH, or terms"),
+        (["search", "x", "--like", "cat"], "--like takes an item id"),
+        (["search", "--not", "x"], "every query term has a negative weight"),
+        (["search", "x", "--text", "0:y"], "term 2 (text): the weight must be a non-zero number"),
         (["index", photo_dir, "--captions", bad_caps, "--no-progress"], "needs 'image' and 'caption' columns"),
     ]
     for args, message in cases:

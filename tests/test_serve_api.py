@@ -103,6 +103,32 @@ def test_uploaded_image_finds_its_captions_and_itself(client, demo):
     assert images.json()["hits"][0]["path"] == path.name
 
 
+def test_fused_terms_answer_as_the_library_does_with_an_upload_too(client, service, demo):
+    from retrieval.terms import Term
+
+    top = search(client, text="a blue star", k=1)["hits"][0]
+    terms = [{"text": "a yellow square", "weight": 2}, {"item": top["id"], "weight": -0.5}]
+    answer = search(client, terms=terms, k=6)
+    searcher = service.index("shapes").searcher
+    expected = searcher.answer_terms([Term(text="a yellow square", weight=2), Term(item=top["id"], weight=-0.5)],
+                                     k=6).hits
+    assert [h["id"] for h in answer["hits"]] == [h.id for h in expected] and top["id"] not in [
+        h["id"] for h in answer["hits"]]
+    path = sorted((demo / "corpus" / "test").glob("*.png"))[1]
+    upload = client.post("/api/search", files={"image": (path.name, path.read_bytes())},
+                         data={"k": "4", "terms": '[{"text": "a red circle", "weight": -1}]'})
+    assert upload.status_code == 200 and upload.json()["to"] == "image", upload.text
+    alone = client.post("/api/search", files={"image": (path.name, path.read_bytes())}, data={"k": "4", "to": "image"})
+    assert [h["id"] for h in upload.json()["hits"]] != [h["id"] for h in alone.json()["hits"]]
+    for body, says in (({"terms": []}, "no terms"), ({"terms": [{"text": "x", "weight": -1}]}, "negative weight"),
+                       ({"text": "x", "terms": [{"text": "y"}]}, "exactly one of"),
+                       ({"terms": [{"text": "x"}, {"text": "x", "weight": -1}]}, "cancel out")):
+        response = client.post("/api/search", json=body)
+        assert response.status_code == 400 and says in response.json()["error"], (body, response.text)
+    bad = client.post("/api/search", files={"image": ("a.png", path.read_bytes())}, data={"terms": "[oops"})
+    assert bad.status_code == 400 and "JSON list" in bad.json()["error"]
+
+
 def test_more_like_this_leaves_the_item_out_and_items_list_their_captions(client):
     top = search(client, text="a blue star", k=1)["hits"][0]
     similar = client.get(f"/api/items/{top['id']}/similar", params={"k": 5}).json()["hits"]

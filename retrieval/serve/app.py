@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from indexer.errors import CrossmodalError, QueryError
 
+from ..terms import terms_from_json
 from .files import MAX_THUMB_SIZE, THUMB_SIZE, Forbidden, NotFound
 from .guard import COOKIE, JSON, Guard, error
 from .metrics import Metrics
@@ -156,7 +157,7 @@ async def _json(request: Request):
 
 
 def _json_query(body: dict) -> Query:
-    unknown = set(body) - {"index", "text", "item", "vector", "to", "k", "offset"} - set(SETTING_MAX)
+    unknown = set(body) - {"index", "text", "item", "vector", "terms", "to", "k", "offset"} - set(SETTING_MAX)
     if unknown:
         raise QueryError(f"unknown field {sorted(unknown)[0]!r} in the search request")
     vector = body.get("vector")
@@ -168,7 +169,8 @@ def _json_query(body: dict) -> Query:
         raise QueryError("text must be a string")
     if item is not None and (not isinstance(item, int) or isinstance(item, bool)):
         raise QueryError("item must be an item id (a whole number)")
-    return Query(text=text, item=item, vector=vector, to=body.get("to"), k=body.get("k", 24),
+    terms = tuple(terms_from_json(body["terms"])) if "terms" in body else None
+    return Query(text=text, item=item, vector=vector, terms=terms, to=body.get("to"), k=body.get("k", 24),
                  offset=body.get("offset", 0), settings={n: body[n] for n in SETTING_MAX if n in body} or None)
 
 
@@ -196,8 +198,14 @@ async def _form_query(request: Request, limit: int) -> tuple[str | None, Query]:
         return int(value)
 
     settings = {n: number(n, 0) for n in SETTING_MAX if form.get(n)}
-    to = form.get("to") or None
-    return form.get("index") or None, Query(image=data, to=to if isinstance(to, str) else None,
+    to, raw_terms = form.get("to") or None, form.get("terms") or None
+    terms = None
+    if raw_terms is not None:  # more terms with the image, as JSON (the page's "less like this")
+        try:
+            terms = tuple(terms_from_json(json.loads(raw_terms)))
+        except (TypeError, ValueError):
+            raise QueryError("terms must be a JSON list such as [{\"text\": \"a cat\", \"weight\": -1}]") from None
+    return form.get("index") or None, Query(image=data, terms=terms, to=to if isinstance(to, str) else None,
                                             k=number("k", 24), offset=number("offset", 0), settings=settings or None)
 
 
@@ -207,6 +215,11 @@ SEARCH_BODY = {
         "application/json": {"schema": {"type": "object", "properties": {
             "index": {"type": "string"}, "text": {"type": "string"}, "item": {"type": "integer"},
             "vector": {"type": "array", "items": {"type": "number"}},
+            "terms": {"type": "array", "description": "a fused query: sum of weight * term, each term one of "
+                      "text, item or vector", "items": {"type": "object", "properties": {
+                          "text": {"type": "string"}, "item": {"type": "integer"},
+                          "vector": {"type": "array", "items": {"type": "number"}},
+                          "weight": {"type": "number", "default": 1}}}},
             "to": {"type": "string", "enum": ["image", "text"]},
             "k": {"type": "integer", "minimum": 1, "maximum": 200, "default": 24},
             "offset": {"type": "integer", "minimum": 0, "default": 0},
@@ -214,6 +227,7 @@ SEARCH_BODY = {
             "example": {"text": "a dog on a beach", "to": "image", "k": 24}}},
         "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
             "image": {"type": "string", "format": "binary"}, "index": {"type": "string"},
+            "terms": {"type": "string", "description": "more terms, as the JSON list of the JSON body's terms"},
             "to": {"type": "string"}, "k": {"type": "integer"}, "offset": {"type": "integer"}}}},
     },
 }

@@ -63,10 +63,16 @@ class BatchingEncoder:
         self._jobs.put(job)
         return job.future.result()
 
-    def close(self) -> None:
-        """Stop the thread once the queued work is done; later encodes raise."""
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the thread once the queued work is done, and wait for it; later encodes raise.
+
+        Waiting matters: a thread that has run torch and still winds down while the interpreter
+        exits can abort the process ("terminate called without an active exception").
+        """
         self._closed = True
         self._jobs.put(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     def _run(self, load: Callable[[], object], loaded: Future) -> None:
         # The model loads in this thread too: a thread that runs torch ops keeps an OpenMP team, and

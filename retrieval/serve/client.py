@@ -15,16 +15,24 @@ import uuid
 from pathlib import Path
 
 from ..hits import Answer, Hit
+from ..terms import Term
 from .runtime import ServerRecord
 
 TIMEOUT_S = 30
 
 
-def ask(record: ServerRecord, name: str, *, text: str | None = None, image: Path | None = None, to: str,
-        k: int, settings: dict) -> Answer | None:
+def ask(record: ServerRecord, name: str, *, terms: list[Term], to: str, k: int, settings: dict) -> Answer | None:
+    """The server's answer to ``terms`` (one image, or any number of texts, items and vectors), or None."""
     fields = {"index": name, "to": to, "k": k, **{n: v for n, v in settings.items() if v is not None}}
+    if len(terms) == 1 and terms[0].weight <= 0:
+        return None  # not a query: the in-process search says why
+    image = terms[0].image if len(terms) == 1 else None
     if image is None:
-        body, kind = json.dumps({**fields, "text": text}).encode(), "application/json"
+        if any(term.image is not None for term in terms):
+            return None  # image files among other terms: asked in-process
+        query = {"text": terms[0].text} if len(terms) == 1 and terms[0].text is not None and terms[0].weight == 1 \
+            else {"terms": [_term(term) for term in terms]}
+        body, kind = json.dumps({**fields, **query}).encode(), "application/json"
     else:
         data = _regular_file(image)
         if data is None:  # missing, a FIFO, a device: the in-process search says what is wrong with it
@@ -40,6 +48,12 @@ def ask(record: ServerRecord, name: str, *, text: str | None = None, image: Path
         return None  # busy, another token, or a query the in-process search explains in its own words
     timings = {stage: ms / 1000 for stage, ms in answer.get("timings_ms", {}).items()}
     return Answer([_hit(h) for h in answer["hits"]], answer.get("notes", []), timings, answer.get("has_more", False))
+
+
+def _term(term: Term) -> dict:
+    value = {"text": term.text} if term.text is not None else {"item": term.item} if term.item is not None \
+        else {"vector": [float(x) for x in term.vector]}
+    return {**value, "weight": term.weight}
 
 
 def _hit(h: dict) -> Hit:

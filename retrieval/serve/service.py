@@ -23,6 +23,7 @@ from indexer.imageio import NotAnImage, TooLarge, open_image
 from indexer.vectors import serial_in_this_thread
 
 from ..searcher import MAX_K, SEARCH_SETTINGS, Answer, Searcher
+from ..terms import Term
 from .batching import BatchingEncoder
 from .files import NotFound, Thumbnails, default_cache_dir, indexed_file
 from .settings import ServeSettings
@@ -41,21 +42,23 @@ class UploadTooLarge(QueryError):
 
 @dataclass(frozen=True)
 class Query:
-    """One search: exactly one of text, image (uploaded bytes), item (more like it) or vector."""
+    """One search: exactly one of text, image (uploaded bytes), item (more like it), vector, or terms
+    (a fused query, see :meth:`Searcher.answer_terms`); an uploaded image may come with terms too."""
 
     text: str | None = None
     image: bytes | None = None
     item: int | None = None
     vector: list[float] | None = None
+    terms: tuple[Term, ...] | None = None
     to: str | None = None
     k: int = 24
     offset: int = 0
     settings: dict | None = None  # nprobe, ef_search, rerank for this query
 
     def check(self) -> None:
-        given = [name for name in ("text", "image", "item", "vector") if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise QueryError("give exactly one of text, image, item or vector" +
+        given = [name for name in ("text", "image", "item", "vector", "terms") if getattr(self, name) is not None]
+        if len(given) != 1 and given != ["image", "terms"]:
+            raise QueryError("give exactly one of text, image, item, vector or terms" +
                              (f" (got {', '.join(given)})" if given else ""))
         if self.to not in (None, "image", "text"):
             raise QueryError(f"to must be image or text, got {self.to!r}")
@@ -71,7 +74,7 @@ class Query:
 
     @property
     def target(self) -> str:
-        return self.to or ("text" if self.image is not None else "image")
+        return self.to or ("text" if self.image is not None and not self.terms else "image")
 
 
 class ServedIndex:
@@ -97,16 +100,17 @@ class ServedIndex:
 
     def answer(self, query: Query, max_megapixels: float, decode: Callable) -> dict:
         searcher, to = self.searcher, query.target
-        page = {"to": to, "k": query.k, "offset": query.offset, "settings": query.settings}
+        terms = list(query.terms or ())
         if query.text is not None:
-            answer = searcher.answer_text(query.text, **page)
+            terms.insert(0, Term(text=query.text))
         elif query.item is not None:
-            answer = searcher.answer_item(query.item, **page)
+            terms.insert(0, Term(item=query.item))
         elif query.vector is not None:
-            answer = searcher.answer_vector(query.vector, **page)
-        else:
+            terms.insert(0, Term(vector=query.vector))
+        elif query.image is not None:
             draft = searcher.encoder.image_size * DRAFT_FACTOR
-            answer = searcher.answer_image(decode(query.image, draft, max_megapixels), **page)
+            terms.insert(0, Term(image=decode(query.image, draft, max_megapixels)))
+        answer = searcher.answer_terms(terms, to=to, k=query.k, offset=query.offset, settings=query.settings)
         return self._as_dict(answer, to, query)
 
     def _as_dict(self, answer: Answer, to: str, query: Query) -> dict:
