@@ -57,10 +57,12 @@ def serve_cmd(indexes, host, port, token, insecure_no_token, cors, cache_dir, wo
                              max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_megapixels=max_megapixels,
                              model=model, pretrained=pretrained)
     warning = check_exposure(settings)
-    # Read once, when torch loads libgomp. The encoding thread is not the process's first thread, so
-    # libgomp counts one thread more than run and, thinking the cores oversubscribed, stops spinning
-    # between ops unless a spin count is given: text encodes took 2-3x as long (retrieval/serve/batching.py).
-    os.environ.setdefault("GOMP_SPINCOUNT", "300000")  # libgomp's own default when not oversubscribed
+    # The CLI asks OpenMP's threads to sleep at barriers (OMP_WAIT_POLICY=PASSIVE, which leaves the cores
+    # to indexing's decoder processes, see cli.py). A server's encoding thread has the cores to itself,
+    # and waking its threads at each of a query's ops made a demo text query's encode 2-3x as long.
+    # An explicit spin count wins over the policy; this one is libgomp's default when no policy is set.
+    # libgomp reads it once, when torch loads it.
+    os.environ.setdefault("GOMP_SPINCOUNT", "300000")
     try:
         from .serve.server import run
     except ImportError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -59,51 +60,53 @@ def test_loading_and_encoding_happen_in_one_thread_that_is_not_the_callers():
         batching.close()
 
 
-def test_what_waits_is_encoded_as_one_batch_and_each_gets_its_own_rows():
+@contextmanager
+def busy_encoder(workers: int):
+    """An encoder whose first call waits until ``release(n)``: what is submitted meanwhile queues up.
+
+    Yields (fake, batching, pool, release); ``release(n)`` waits for n queued jobs, then lets all run.
+    """
     gate = threading.Event()
     fake = FakeEncoder(gate)
     batching = BatchingEncoder(lambda: fake)
     try:
-        with ThreadPoolExecutor(6) as pool:
+        with ThreadPoolExecutor(workers) as pool:
             first = pool.submit(batching.encode_texts, ["first"])
             assert fake.started.wait(30)
-            texts = [[f"q{i}", f"q{i}-second"] for i in range(4)]
-            rest = [pool.submit(batching.encode_texts, pair) for pair in texts]
-            image = pool.submit(batching.encode_pil, ["img"])
-            while batching._jobs.qsize() < 5:  # everyone is queued behind the first call
-                threading.Event().wait(0.01)
-            gate.set()
-            assert first.result(30).shape == (1, 2)
-            for pair, future in zip(texts, rest):
-                assert future.result(30).tolist() == [vector_of(t) for t in pair]
-            assert image.result(30).shape == (1, 2)
-        assert fake.calls[1] == [t for pair in texts for t in pair]  # one batch of every waiting text
-        assert fake.calls[2] == ["img"]  # images apart from texts
+
+            def release(queued: int) -> None:
+                while batching._jobs.qsize() < queued:  # everyone is queued behind the first call
+                    threading.Event().wait(0.01)
+                gate.set()
+                assert first.result(30).shape == (1, 2)
+
+            yield fake, batching, pool, release
     finally:
         gate.set()
         batching.close()
+
+
+def test_what_waits_is_encoded_as_one_batch_and_each_gets_its_own_rows():
+    with busy_encoder(6) as (fake, batching, pool, release):
+        texts = [[f"q{i}", f"q{i}-second"] for i in range(4)]
+        rest = [pool.submit(batching.encode_texts, pair) for pair in texts]
+        image = pool.submit(batching.encode_pil, ["img"])
+        release(5)
+        for pair, future in zip(texts, rest):
+            assert future.result(30).tolist() == [vector_of(t) for t in pair]
+        assert image.result(30).shape == (1, 2)
+    assert fake.calls[1] == [t for pair in texts for t in pair]  # one batch of every waiting text
+    assert fake.calls[2] == ["img"]  # images apart from texts
 
 
 def test_a_bad_input_fails_its_own_query_only():
-    gate = threading.Event()
-    fake = FakeEncoder(gate)
-    batching = BatchingEncoder(lambda: fake)
-    try:
-        with ThreadPoolExecutor(4) as pool:
-            first = pool.submit(batching.encode_texts, ["first"])
-            assert fake.started.wait(30)
-            good = pool.submit(batching.encode_texts, ["good"])
-            bad = pool.submit(batching.encode_texts, ["bad"])
-            while batching._jobs.qsize() < 2:
-                threading.Event().wait(0.01)
-            gate.set()
-            first.result(30)
-            assert good.result(30).shape == (1, 2)
-            with pytest.raises(ValueError, match="cannot encode 'bad'"):
-                bad.result(30)
-    finally:
-        gate.set()
-        batching.close()
+    with busy_encoder(4) as (_fake, batching, pool, release):
+        good = pool.submit(batching.encode_texts, ["good"])
+        bad = pool.submit(batching.encode_texts, ["bad"])
+        release(2)
+        assert good.result(30).shape == (1, 2)
+        with pytest.raises(ValueError, match="cannot encode 'bad'"):
+            bad.result(30)
 
 
 def test_a_failed_load_is_raised_to_the_caller_and_a_closed_encoder_refuses_work():
