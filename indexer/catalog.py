@@ -103,6 +103,25 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE items ADD COLUMN skip_info TEXT;
     ALTER TABLE items ADD COLUMN warnings TEXT;
     """,
+    # v4: keyword search (FTS5): the words of each caption and text, and of each image's path under
+    # its root (file and folder names); kept in step with items by triggers. rowid = items.id.
+    """
+    CREATE VIRTUAL TABLE item_words USING fts5(words, tokenize = 'unicode61 remove_diacritics 2');
+    INSERT INTO item_words (rowid, words)
+        SELECT id, CASE WHEN kind = 'image' THEN path ELSE text END FROM items WHERE error IS NULL;
+    CREATE TRIGGER item_words_insert AFTER INSERT ON items WHEN new.error IS NULL BEGIN
+        INSERT INTO item_words (rowid, words) VALUES (new.id, CASE WHEN new.kind = 'image' THEN new.path
+                                                                   ELSE new.text END);
+    END;
+    CREATE TRIGGER item_words_delete AFTER DELETE ON items BEGIN
+        DELETE FROM item_words WHERE rowid = old.id;
+    END;
+    CREATE TRIGGER item_words_update AFTER UPDATE OF path, text, error ON items BEGIN
+        DELETE FROM item_words WHERE rowid = old.id;
+        INSERT INTO item_words (rowid, words) SELECT new.id, CASE WHEN new.kind = 'image' THEN new.path
+                                                                  ELSE new.text END WHERE new.error IS NULL;
+    END;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

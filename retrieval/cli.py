@@ -176,6 +176,8 @@ def _echo_library_warnings(warned: dict[str, list[str]], verbose: bool) -> None:
 @click.option("--like", "likes", multiple=True, metavar="[W:]ID",
               help="More like this indexed item (an id from search --json; repeatable).")
 @click.option("--not", "nots", multiple=True, metavar="[W:]TEXT", help="Less like this text (repeatable).")
+@click.option("--mode", type=click.Choice(["vector", "keyword", "hybrid"]), default="vector", show_default=True,
+              help="For a text QUERY: the model, the words of captions, texts and file names, or both fused.")
 @click.option("--to", "target", type=click.Choice(["image", "text"]), default=None,
               help="What to find [default: images for a text query, texts for an image query].")
 @click.option("-k", "--top-k", "k", type=int, default=10, show_default=True, help="Number of results.")
@@ -187,8 +189,8 @@ def _echo_library_warnings(warned: dict[str, list[str]], verbose: bool) -> None:
 @model_options
 @json_option
 @domain_errors
-def search_cmd(query, images, texts, likes, nots, target, k, nprobe, ef_search, rerank, no_server, index_dir, model,
-               pretrained, device, as_json):
+def search_cmd(query, images, texts, likes, nots, mode, target, k, nprobe, ef_search, rerank, no_server, index_dir,
+               model, pretrained, device, as_json):
     """Search the index by text (QUERY), by --image, or by several terms added up.
 
     \b
@@ -198,6 +200,7 @@ def search_cmd(query, images, texts, likes, nots, target, k, nprobe, ef_search, 
     crossmodal search "a dog on a beach" --nprobe 64      # more recall from an ivf index, this once
     crossmodal search "a beach" --image dog.jpg --not "people"          # terms add up
     crossmodal search --text "2:a red car" --like 1234 --not 0.5:night  # W: weighs a term
+    crossmodal search "IMG_1234.jpg" --mode keyword                      # words, not the model
 
     Each term is encoded and made unit length, multiplied by its weight (1 unless W: says; --not
     negates it), and their sum, made unit length again, is the query. Items given with --like
@@ -208,6 +211,8 @@ def search_cmd(query, images, texts, likes, nots, target, k, nprobe, ef_search, 
     terms = ([Term(text=query)] if query is not None else []) + cli_terms(texts, images, likes, nots)
     if not terms:
         raise click.UsageError("give a text QUERY, --image PATH, or terms (--text, --like, --not)")
+    if mode != "vector" and (query is None or len(terms) > 1):
+        raise click.UsageError(f"--mode {mode} takes a text QUERY alone")
     settings = {"nprobe": nprobe, "ef_search": ef_search, "rerank": rerank}
     to = target or ("text" if all(term.image is not None for term in terms) else "image")
     answer = None
@@ -218,13 +223,14 @@ def search_cmd(query, images, texts, likes, nots, target, k, nprobe, ef_search, 
 
         found = server_for(index_dir)
         if found:
-            answer = ask(found[0], found[1], terms=terms, to=to, k=k, settings=settings)
+            answer = ask(found[0], found[1], terms=terms, to=to, k=k, settings=settings, mode=mode)
     if answer is None:
         from .searcher import Searcher
 
         with Searcher.open(index_dir, model=model, pretrained=pretrained, device=device,
                            settings=settings) as searcher:
-            answer = searcher.answer_terms(terms, to=to, k=k)
+            answer = searcher.answer_text(query, to=to, k=k, mode=mode) if mode != "vector" else \
+                searcher.answer_terms(terms, to=to, k=k)
     hits = answer.hits
     for note in answer.notes:
         click.echo(f"note: {printable(note)}", err=True)

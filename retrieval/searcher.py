@@ -25,6 +25,7 @@ from indexer.store import MODALITIES, IndexStore, encoder_for, identity_from_met
 from indexer.vectors import VectorStore, gpu_wanted
 
 from .hits import Answer, Hit
+from .hybrid import answer_words
 from .terms import KINDS as TERM_KINDS
 from .terms import Term, check_terms
 
@@ -135,9 +136,15 @@ class Searcher:
         return self.answer_image(image, to=to, k=k).hits
 
     def answer_text(self, query: str, *, to: str = "image", k: int = 10, offset: int = 0,
-                    settings: dict | None = None) -> Answer:
+                    settings: dict | None = None, mode: str = "vector") -> Answer:
         """The ``k`` best ``to`` items from rank ``offset`` on; ``settings`` override nprobe, ef_search or
-        rerank for this query only (the other ``answer_*`` methods take the same page and settings)."""
+        rerank for this query only (the other ``answer_*`` methods take the same page and settings).
+
+        ``mode``: ``vector`` (the model), ``keyword`` (the words of captions, texts and file names) or
+        ``hybrid`` (both rankings fused; see :mod:`retrieval.hybrid`).
+        """
+        if mode != "vector":
+            return answer_words(self, query, to=to, k=k, offset=offset, settings=settings, mode=mode)
         return self.answer_terms([Term(text=query)], to=to, k=k, offset=offset, settings=settings)
 
     def answer_image(self, image: str | Path | Image.Image, *, to: str = "text", k: int = 10,

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +116,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# -- a real index of generated images with the bundled demo model (one per test module) -------------
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    """80 generated images with 3 captions each, indexed with the demo model."""
+    root = tmp_path_factory.mktemp("demo")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for args in (("data", "synth", "--out", root / "corpus", "--n", 80, "--seed", 11, "--test", 80, "--val", 0),
+                 ("index", root / "corpus" / "test", "--index", root / "index", "--model", "crossmodal-demo",
+                  "--workers", 0, "--no-progress")):
+        done = subprocess.run([sys.executable, "-m", "retrieval", *map(str, args)], capture_output=True, text=True,
+                              env=env)
+        assert done.returncode == 0, done.stderr
+    return root
+
+
+@pytest.fixture(scope="module")
+def shapes_searcher(shapes):
+    from retrieval.searcher import Searcher
+
+    with Searcher.open(shapes / "index", read_only=True) as searcher:
+        yield searcher

@@ -56,6 +56,18 @@ def test_search_adds_up_terms_and_leaves_liked_items_out(invoke, photo_dir):
     assert me["id"] not in [h["id"] for h in both]
 
 
+def test_search_by_keywords_finds_a_file_by_name(invoke, photo_dir):
+    invoke("index", photo_dir, "--workers", "0", "--no-progress")
+    hits = json.loads(invoke("search", "img2.png", "--mode", "keyword", "--json").output)
+    assert [h["path"] for h in hits] == [str(photo_dir.resolve() / "img2.png")]
+    texts = json.loads(invoke("search", "another caption", "--mode", "keyword", "--to", "text", "--json").output)
+    assert [t["text"] for t in texts] == ["another caption for img0", "a first caption"]  # two words, then one
+    both = json.loads(invoke("search", "another caption", "--mode", "hybrid", "--to", "text", "--json").output)
+    assert {t["text"] for t in both} == {"another caption for img0", "a first caption"}
+    result = invoke("search", "x", "--not", "y", "--mode", "keyword")
+    assert result.exit_code != 0 and "--mode keyword takes a text QUERY alone" in result.output
+
+
 def test_info_json_and_human(invoke, photo_dir):
     (photo_dir / "bad.png").write_bytes(b"nope")
     invoke("index", photo_dir, "--workers", "0", "--no-progress")

@@ -129,6 +129,17 @@ def test_fused_terms_answer_as_the_library_does_with_an_upload_too(client, servi
     assert bad.status_code == 400 and "JSON list" in bad.json()["error"]
 
 
+def test_keyword_and_hybrid_modes_answer_text_queries_only(client, demo):
+    name = sorted((demo / "corpus" / "test").glob("*.png"))[0].name
+    hits = search(client, text=name, mode="keyword", k=3)["hits"]
+    assert [h["path"] for h in hits] == [name] and hits[0]["captions"]
+    assert search(client, text="a red circle", mode="hybrid", k=4)["hits"]
+    for body, says in (({"item": 1, "mode": "keyword"}, "takes a text query"),
+                       ({"text": "x", "mode": "fuzzy"}, "unknown search mode")):
+        response = client.post("/api/search", json=body)
+        assert response.status_code == 400 and says in response.json()["error"], response.text
+
+
 def test_more_like_this_leaves_the_item_out_and_items_list_their_captions(client):
     top = search(client, text="a blue star", k=1)["hits"][0]
     similar = client.get(f"/api/items/{top['id']}/similar", params={"k": 5}).json()["hits"]

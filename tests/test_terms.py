@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -61,32 +58,11 @@ def test_api_terms_are_checked_field_by_field():
             terms_from_json(raw)
 
 
-# -- through the Searcher, with the bundled demo model -------------------------------------------------
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    """80 generated images with 3 captions each, indexed with the demo model."""
-    root = tmp_path_factory.mktemp("terms")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    for args in (("data", "synth", "--out", root / "corpus", "--n", 80, "--seed", 11, "--test", 80, "--val", 0),
-                 ("index", root / "corpus" / "test", "--index", root / "index", "--model", "crossmodal-demo",
-                  "--workers", 0, "--no-progress")):
-        done = subprocess.run([sys.executable, "-m", "retrieval", *map(str, args)], capture_output=True, text=True,
-                              env=env)
-        assert done.returncode == 0, done.stderr
-    return root
-
-
-@pytest.fixture(scope="module")
-def searcher(demo):
-    from retrieval.searcher import Searcher
-
-    with Searcher.open(demo / "index", read_only=True) as searcher:
-        yield searcher
-
-
+# -- through the Searcher, with the bundled demo model (fixtures shapes, shapes_searcher: conftest.py) ---------
 @pytest.mark.slow
 @pytest.mark.parametrize("to", ["image", "text"])
-def test_a_fused_query_is_the_normalised_weighted_sum_of_its_normalised_terms(searcher, demo, to):
+def test_a_fused_query_is_the_normalised_weighted_sum_of_its_normalised_terms(shapes_searcher, shapes, to):
+    searcher, demo = shapes_searcher, shapes
     image = sorted((demo / "corpus" / "test").glob("*.jpg"))[3]
     item = searcher.answer_text("a blue square", k=1).hits[0].id
     terms = [Term(text="a green triangle", weight=2.0), Term(image=image, weight=0.7), Term(item=item, weight=-0.5),
@@ -122,7 +98,8 @@ def _captions_say(searcher, hit, word: str) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("colour", ["red", "blue", "green"])
-def test_a_negative_term_pushes_its_concept_down_and_a_positive_one_up(searcher, colour):
+def test_a_negative_term_pushes_its_concept_down_and_a_positive_one_up(shapes_searcher, colour):
+    searcher = shapes_searcher
     n = searcher.store.catalog.counts()["image"]
     plain = searcher.answer_text("a shape", k=n).hits
     coloured = {h.id for h in plain if _captions_say(searcher, h, colour)}  # every caption names the colour
@@ -138,7 +115,8 @@ def test_a_negative_term_pushes_its_concept_down_and_a_positive_one_up(searcher,
 
 
 @pytest.mark.slow
-def test_terms_that_cancel_out_are_refused(searcher):
+def test_terms_that_cancel_out_are_refused(shapes_searcher):
+    searcher = shapes_searcher
     with pytest.raises(QueryError, match="cancel out"):
         searcher.answer_terms([Term(text="a red circle", weight=2), Term(text="a red circle", weight=-2)])
     with pytest.raises(QueryError, match="all zeros"):

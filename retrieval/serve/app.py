@@ -157,7 +157,7 @@ async def _json(request: Request):
 
 
 def _json_query(body: dict) -> Query:
-    unknown = set(body) - {"index", "text", "item", "vector", "terms", "to", "k", "offset"} - set(SETTING_MAX)
+    unknown = set(body) - {"index", "text", "item", "vector", "terms", "mode", "to", "k", "offset"} - set(SETTING_MAX)
     if unknown:
         raise QueryError(f"unknown field {sorted(unknown)[0]!r} in the search request")
     vector = body.get("vector")
@@ -170,7 +170,10 @@ def _json_query(body: dict) -> Query:
     if item is not None and (not isinstance(item, int) or isinstance(item, bool)):
         raise QueryError("item must be an item id (a whole number)")
     terms = tuple(terms_from_json(body["terms"])) if "terms" in body else None
-    return Query(text=text, item=item, vector=vector, terms=terms, to=body.get("to"), k=body.get("k", 24),
+    mode = body.get("mode", "vector")
+    if not isinstance(mode, str):
+        raise QueryError("mode must be vector, keyword or hybrid")
+    return Query(text=text, item=item, vector=vector, terms=terms, mode=mode, to=body.get("to"), k=body.get("k", 24),
                  offset=body.get("offset", 0), settings={n: body[n] for n in SETTING_MAX if n in body} or None)
 
 
@@ -220,6 +223,8 @@ SEARCH_BODY = {
                           "text": {"type": "string"}, "item": {"type": "integer"},
                           "vector": {"type": "array", "items": {"type": "number"}},
                           "weight": {"type": "number", "default": 1}}}},
+            "mode": {"type": "string", "enum": ["vector", "keyword", "hybrid"], "default": "vector",
+                     "description": "for a text query: the model, the words of captions and file names, or both"},
             "to": {"type": "string", "enum": ["image", "text"]},
             "k": {"type": "integer", "minimum": 1, "maximum": 200, "default": 24},
             "offset": {"type": "integer", "minimum": 0, "default": 0},

@@ -21,9 +21,12 @@ from .runtime import ServerRecord
 TIMEOUT_S = 30
 
 
-def ask(record: ServerRecord, name: str, *, terms: list[Term], to: str, k: int, settings: dict) -> Answer | None:
+def ask(record: ServerRecord, name: str, *, terms: list[Term], to: str, k: int, settings: dict,
+        mode: str = "vector") -> Answer | None:
     """The server's answer to ``terms`` (one image, or any number of texts, items and vectors), or None."""
     fields = {"index": name, "to": to, "k": k, **{n: v for n, v in settings.items() if v is not None}}
+    if mode != "vector":
+        fields["mode"] = mode
     if len(terms) == 1 and terms[0].weight <= 0:
         return None  # not a query: the in-process search says why
     image = terms[0].image if len(terms) == 1 else None

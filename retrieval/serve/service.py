@@ -22,6 +22,7 @@ from indexer.errors import CrossmodalError, QueryError
 from indexer.imageio import NotAnImage, TooLarge, open_image
 from indexer.vectors import serial_in_this_thread
 
+from ..hybrid import check_mode
 from ..searcher import MAX_K, SEARCH_SETTINGS, Answer, Searcher
 from ..terms import Term
 from .batching import BatchingEncoder
@@ -54,6 +55,7 @@ class Query:
     k: int = 24
     offset: int = 0
     settings: dict | None = None  # nprobe, ef_search, rerank for this query
+    mode: str = "vector"  # or keyword, hybrid (a text query only)
 
     def check(self) -> None:
         given = [name for name in ("text", "image", "item", "vector", "terms") if getattr(self, name) is not None]
@@ -69,6 +71,9 @@ class Query:
                 raise QueryError(f"unknown search setting {name}: use {', '.join(sorted(SEARCH_SETTINGS))}")
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= SETTING_MAX[name]:
                 raise QueryError(f"{name} must be between 1 and {SETTING_MAX[name]}, got {value!r}")
+        check_mode(self.mode)
+        if self.mode != "vector" and self.text is None:
+            raise QueryError(f"the {self.mode} mode takes a text query")
         if not isinstance(self.offset, int) or not 0 <= self.offset <= MAX_K - self.k:
             raise QueryError(f"offset must be between 0 and {MAX_K - self.k}, got {self.offset!r}")
 
@@ -100,6 +105,10 @@ class ServedIndex:
 
     def answer(self, query: Query, max_megapixels: float, decode: Callable) -> dict:
         searcher, to = self.searcher, query.target
+        if query.mode != "vector":
+            answer = searcher.answer_text(query.text, to=to, k=query.k, offset=query.offset,
+                                          settings=query.settings, mode=query.mode)
+            return self._as_dict(answer, to, query)
         terms = list(query.terms or ())
         if query.text is not None:
             terms.insert(0, Term(text=query.text))
