@@ -532,6 +532,15 @@ class Catalog:
         with Session(self.engine) as s:
             return np.fromiter(s.scalars(q), dtype=np.int64)
 
+    def content_hashes(self, ids: Sequence[int]) -> dict[int, str]:
+        """The sha256 of each item's content (an image's file bytes) where it is known."""
+        found: dict[int, str] = {}
+        with Session(self.engine) as s:
+            for chunk in _chunks([int(i) for i in ids]):
+                q = select(ItemRow.id, ItemRow.sha256).where(ItemRow.id.in_(chunk), ItemRow.sha256.is_not(None))
+                found.update((int(i), digest) for i, digest in s.execute(q))
+        return found
+
     def vectors(self, ids: Sequence[int], dim: int, strict: bool = True) -> np.ndarray:
         """Stored vectors for ``ids``, in that order; unless ``strict``, NaN rows for ids deleted meanwhile."""
         found: dict[int, bytes] = {}

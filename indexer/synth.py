@@ -344,3 +344,33 @@ def _karpathy_entry(item: Sample, split: str, name: str, imgid: int) -> dict:
 def scenes_of(seed: int, indices: Iterable[int], captions: int = 3) -> list[Sample]:
     """The samples ``write_corpus`` would write at these indices, without rendering or writing them."""
     return [_describe(seed, index, captions)[0] for index in indices]
+
+
+COPY_KINDS = ("resized", "recompressed", "cropped", "brighter")
+
+
+def write_near_copies(images: Sequence[Path], out: Path, seed: int = 0) -> list[tuple[Path, Path, str]]:
+    """One altered copy of each image in ``out``: resized to 60-80%, re-encoded as a low-quality JPEG,
+    cropped by 4-8% a side, or brightened by 15-30%, in turn. Returns (original, copy, kind) triples:
+    the ground truth of a near-duplicate search."""
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    made = []
+    for n, path in enumerate(images):
+        kind = COPY_KINDS[n % len(COPY_KINDS)]
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+        w, h = image.size
+        if kind == "resized":
+            scale = rng.uniform(0.6, 0.8)
+            image = image.resize((max(8, round(w * scale)), max(8, round(h * scale))), Image.LANCZOS)
+        elif kind == "cropped":
+            dx, dy = round(w * rng.uniform(0.04, 0.08)), round(h * rng.uniform(0.04, 0.08))
+            image = image.crop((dx, dy, w - dx, h - dy))
+        elif kind == "brighter":
+            image = Image.fromarray(np.clip(np.asarray(image, np.float32) * rng.uniform(1.15, 1.3), 0, 255)
+                                    .astype(np.uint8))
+        copy = out / f"{path.stem}-{kind}.jpg"
+        image.save(copy, quality=int(rng.integers(25, 45)) if kind == "recompressed" else 90)
+        made.append((path, copy, kind))
+    return made

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import os
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import faiss
@@ -340,6 +340,33 @@ def _new_index(spec: IndexSpec, dim: int):
         graph.hnsw.efConstruction = spec.params["ef_construction"]
         return faiss.IndexIDMap2(graph)
     raise CrossmodalError(f"internal: a {spec.kind} index is made by training")
+
+
+def similar_pairs(vectors: np.ndarray, threshold: float, k: int = 16, block: int = 2048,
+                  on_block: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, int, float]]:
+    """Pairs ``(i, j, cosine)``, ``i < j``, of rows of ``vectors`` (unit rows) whose cosine is at least
+    ``threshold``, among each row's ``k`` nearest others; exact (a flat inner-product index).
+
+    Queries go ``block`` rows at a time, so memory stays at the vectors plus ``block * (k + 1)``
+    results; ``on_block(done, total)`` after each block.
+    """
+    n, dim = vectors.shape
+    if n < 2:
+        return
+    index = faiss.IndexFlatIP(dim)
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    want = min(k + 1, n)
+    for start in range(0, n, block):
+        scores, ids = index.search(np.ascontiguousarray(vectors[start:start + block], dtype=np.float32), want)
+        for offset, (row_scores, row_ids) in enumerate(zip(scores, ids)):
+            i = start + offset
+            for score, j in zip(row_scores, row_ids):
+                if score < threshold:
+                    break  # best first: the rest are further
+                if j >= 0 and j != i:
+                    yield (i, int(j), float(score)) if i < j else (int(j), i, float(score))
+        if on_block is not None:
+            on_block(min(start + block, n), n)
 
 
 def serial_in_this_thread() -> None:

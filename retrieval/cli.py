@@ -22,7 +22,7 @@ from indexer.spec import IndexSpec  # noqa: E402
 
 from .cli_serve import serve_cmd  # noqa: E402
 from .cli_train import data_group, train_cmd  # noqa: E402
-from .cli_vectors import echo_build, export_cmd, reindex_cmd, verify_cmd  # noqa: E402
+from .cli_vectors import duplicates_cmd, echo_build, export_cmd, reindex_cmd, verify_cmd  # noqa: E402
 from .options import (  # noqa: E402
     domain_errors,
     index_option,
@@ -411,6 +411,7 @@ cli.add_command(train_cmd)
 cli.add_command(reindex_cmd)
 cli.add_command(export_cmd)
 cli.add_command(verify_cmd)
+cli.add_command(duplicates_cmd)
 cli.add_command(serve_cmd)
 
 

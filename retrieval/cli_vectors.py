@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
@@ -112,3 +114,50 @@ def verify_cmd(index_dir, repair, check_files, as_json):
         click.echo("ok" if report.ok else "problems found" + ("" if repair else "; run with --repair"))
     if not report.ok:
         raise SystemExit(1)
+
+
+@click.command("duplicates")
+@index_option
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Cosine similarity from which two images are copies [default: 0.98, chosen for the demo model; "
+                   "measure yours with bench/duplicates.py].")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@json_option
+@domain_errors
+def duplicates_cmd(index_dir, threshold, progress, as_json):
+    """Groups of near-identical images: re-encoded, resized, lightly cropped or brightened copies.
+
+    \b
+    crossmodal duplicates --index photos.idx
+    crossmodal duplicates --threshold 0.95 --json > groups.json
+    """
+    from indexer.store import IndexStore
+
+    from .duplicates import DEFAULT_THRESHOLD, find_groups
+
+    with IndexStore.open(index_dir, read_only=True) as store:
+        shown = progress and not as_json
+        bar = click.progressbar(length=max(1, store.catalog.counts()["vectors"]), label="comparing", file=sys.stderr)
+        with bar if shown else nullcontext():
+            done = [0]
+
+            def on_progress(finished: int, _total: int) -> None:
+                bar.update(finished - done[0])
+                done[0] = finished
+
+            groups = find_groups(store, threshold or DEFAULT_THRESHOLD, on_progress=on_progress if shown else None)
+    if as_json:
+        click.echo(json.dumps([{"ids": list(g.ids), "keep": g.keep, "exact": g.exact, "min_score": g.min_score,
+                                "paths": [g.paths.get(i) for i in g.ids]} for g in groups], indent=2))
+        return
+    if not groups:
+        click.echo("no near-duplicates")
+        return
+    copies = sum(len(g.ids) - 1 for g in groups)
+    click.echo(f"{len(groups)} groups, {copies} copies beyond the one to keep:")
+    for group in groups:
+        kind = "exact" if group.exact else f"similarity >= {group.min_score:.3f}"
+        click.echo(f"  {len(group.ids)} images ({kind}):")
+        for item_id in group.ids:
+            mark = "keep" if item_id == group.keep else "    "
+            click.echo(f"    {mark} {item_id:>7}  {group.paths.get(item_id)}")
