@@ -178,6 +178,7 @@ def _echo_library_warnings(warned: dict[str, list[str]], verbose: bool) -> None:
 @click.option("--not", "nots", multiple=True, metavar="[W:]TEXT", help="Less like this text (repeatable).")
 @click.option("--mode", type=click.Choice(["vector", "keyword", "hybrid"]), default="vector", show_default=True,
               help="For a text QUERY: the model, the words of captions, texts and file names, or both fused.")
+@click.option("--hide-duplicates", is_flag=True, help="Show one of each group of near-identical results.")
 @click.option("--to", "target", type=click.Choice(["image", "text"]), default=None,
               help="What to find [default: images for a text query, texts for an image query].")
 @click.option("-k", "--top-k", "k", type=int, default=10, show_default=True, help="Number of results.")
@@ -189,8 +190,8 @@ def _echo_library_warnings(warned: dict[str, list[str]], verbose: bool) -> None:
 @model_options
 @json_option
 @domain_errors
-def search_cmd(query, images, texts, likes, nots, mode, target, k, nprobe, ef_search, rerank, no_server, index_dir,
-               model, pretrained, device, as_json):
+def search_cmd(query, images, texts, likes, nots, mode, hide_duplicates, target, k, nprobe, ef_search, rerank,
+               no_server, index_dir, model, pretrained, device, as_json):
     """Search the index by text (QUERY), by --image, or by several terms added up.
 
     \b
@@ -223,14 +224,24 @@ def search_cmd(query, images, texts, likes, nots, mode, target, k, nprobe, ef_se
 
         found = server_for(index_dir)
         if found:
-            answer = ask(found[0], found[1], terms=terms, to=to, k=k, settings=settings, mode=mode)
+            answer = ask(found[0], found[1], terms=terms, to=to, k=k, settings=settings, mode=mode,
+                         hide_duplicates=hide_duplicates)
     if answer is None:
         from .searcher import Searcher
 
         with Searcher.open(index_dir, model=model, pretrained=pretrained, device=device,
                            settings=settings) as searcher:
-            answer = searcher.answer_text(query, to=to, k=k, mode=mode) if mode != "vector" else \
-                searcher.answer_terms(terms, to=to, k=k)
+            def ask_here(depth: int):
+                if mode != "vector":
+                    return searcher.answer_text(query, to=to, k=depth, mode=mode)
+                return searcher.answer_terms(terms, to=to, k=depth)
+
+            if hide_duplicates:
+                from .duplicates import without_duplicates
+
+                answer = without_duplicates(searcher, ask_here, k)
+            else:
+                answer = ask_here(k)
     hits = answer.hits
     for note in answer.notes:
         click.echo(f"note: {printable(note)}", err=True)

@@ -8,13 +8,15 @@ so a chain of copies is one group. Images with the same content hash are exact d
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from indexer.errors import QueryError
 from indexer.store import IndexStore
 from indexer.vectors import similar_pairs
+
+from .hits import MAX_K, Answer, Hit
 
 # Chosen with the demo model on generated images and their copies (bench/duplicates.py, README);
 # another model places copies differently: `bench/duplicates.py --model NAME --pretrained W` measures it.
@@ -88,3 +90,34 @@ def linked_rows(vectors: np.ndarray, hashes: list[str | None], threshold: float,
     for row in range(len(vectors)):
         members.setdefault(root(row), []).append(row)
     return [(rows, weakest[root(rows[0])]) for rows in members.values() if len(rows) > 1]
+
+
+def without_duplicates(searcher, ask: Callable[[int], Answer], k: int, offset: int = 0,
+                       threshold: float = DEFAULT_THRESHOLD) -> Answer:
+    """The page ``[offset, offset + k)`` of an answer with near-duplicates hidden, as clip-front does.
+
+    ``ask(depth)`` answers the same query from rank 1 to ``depth``. Walking down the ranking, a hit
+    whose stored vector has a cosine of at least ``threshold`` with a hit already kept is left out,
+    so the best-ranked copy stands for its group and the pages of one query never overlap.
+    """
+    depth = min(2 * (offset + k) + 10, MAX_K)
+    while True:
+        answer = ask(depth)
+        vectors = searcher.store.fetch_vectors([hit.id for hit in answer.hits], strict=False)
+        kept: list[Hit] = []
+        kept_vectors: list[np.ndarray] = []
+        for hit, vector in zip(answer.hits, vectors):
+            if not np.isnan(vector).any():
+                if kept_vectors and float(np.max(np.stack(kept_vectors) @ vector)) >= threshold:
+                    continue
+                kept_vectors.append(vector)
+            kept.append(hit)
+        if len(kept) > offset + k or not answer.has_more or depth >= MAX_K:
+            break
+        depth = min(depth * 4, MAX_K)
+    page = [replace(hit, rank=offset + n + 1) for n, hit in enumerate(kept[offset:offset + k])]
+    hidden = len(answer.hits) - len(kept)
+    notes = answer.notes + ([f"near-duplicates of better-ranked results hidden ({hidden} of the first "
+                             f"{len(answer.hits)})"] if hidden else [])
+    return Answer(page, notes, answer.timings, len(kept) > offset + k or answer.has_more,
+                  {hit.id: answer.items[hit.id] for hit in page if hit.id in answer.items})

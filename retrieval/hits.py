@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+MAX_K = 10_000  # the deepest rank a search answers
+
 
 @dataclass(frozen=True)
 class Hit:

@@ -24,12 +24,11 @@ from indexer.spec import IndexSpec
 from indexer.store import MODALITIES, IndexStore, encoder_for, identity_from_meta
 from indexer.vectors import VectorStore, gpu_wanted
 
-from .hits import Answer, Hit
+from .hits import MAX_K, Answer, Hit
 from .hybrid import answer_words
 from .terms import KINDS as TERM_KINDS
 from .terms import Term, check_terms
 
-MAX_K = 10_000
 SEARCH_SETTINGS_OF = {"ivf": ("nprobe",), "ivfpq": ("nprobe", "rerank"), "hnsw": ("ef_search",),
                       "lsh": ("rerank",), "itq": ("rerank",)}
 SEARCH_SETTINGS = {name for names in SEARCH_SETTINGS_OF.values() for name in names}

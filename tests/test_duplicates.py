@@ -65,3 +65,25 @@ def test_copies_of_generated_images_are_grouped_at_the_default_threshold(tmp_pat
     assert originals[0].name in names and exact["keep"] in (names[originals[0].name], names["again.png"])
     table = crossmodal("duplicates", "--index", tmp_path / "index", "--no-progress")
     assert "groups" in table and "keep" in table
+
+    def copies_among(hits):
+        names = [Path(h["path"]).name for h in hits]
+        return sum(frozenset(pair) in grouped for pair in itertools.combinations(names, 2))
+
+    args = ("search", "a shape", "--index", tmp_path / "index", "-k", 30, "--json", "--no-server")
+    assert copies_among(json.loads(crossmodal(*args))) > 3
+    hidden = json.loads(crossmodal(*args, "--hide-duplicates"))
+    assert copies_among(hidden) < copies_among(json.loads(crossmodal(*args)))
+    assert len(hidden) == 30 and [h["rank"] for h in hidden] == list(range(1, 31))
+
+    from retrieval.duplicates import DEFAULT_THRESHOLD, without_duplicates
+    from retrieval.searcher import Searcher
+
+    with Searcher.open(tmp_path / "index", read_only=True) as searcher:
+        vectors = searcher.store.fetch_vectors([h["id"] for h in hidden])
+        similar = vectors @ vectors.T - 2 * np.eye(len(hidden))
+        assert similar.max() < DEFAULT_THRESHOLD  # no two results shown are copies of each other
+        ask = lambda depth: searcher.answer_text("a shape", k=depth)  # noqa: E731
+        first, second = without_duplicates(searcher, ask, 10), without_duplicates(searcher, ask, 10, offset=10)
+    assert [h.id for h in first.hits + second.hits] == [h["id"] for h in hidden[:20]]
+    assert second.hits[0].rank == 11 and any("near-duplicates" in note for note in first.notes)

@@ -134,7 +134,12 @@ def test_keyword_and_hybrid_modes_answer_text_queries_only(client, demo):
     hits = search(client, text=name, mode="keyword", k=3)["hits"]
     assert [h["path"] for h in hits] == [name] and hits[0]["captions"]
     assert search(client, text="a red circle", mode="hybrid", k=4)["hits"]
+    plain, hiding = search(client, text="a red circle", k=8), search(client, text="a red circle", k=8,
+                                                                      hide_duplicates=True)
+    assert len(hiding["hits"]) == 8 and {h["id"] for h in hiding["hits"]} <= {h["id"] for h in search(
+        client, text="a red circle", k=30)["hits"]} and plain["hits"]
     for body, says in (({"item": 1, "mode": "keyword"}, "takes a text query"),
+                       ({"text": "x", "hide_duplicates": "yes"}, "true or false"),
                        ({"text": "x", "mode": "fuzzy"}, "unknown search mode")):
         response = client.post("/api/search", json=body)
         assert response.status_code == 400 and says in response.json()["error"], response.text

@@ -157,7 +157,8 @@ async def _json(request: Request):
 
 
 def _json_query(body: dict) -> Query:
-    unknown = set(body) - {"index", "text", "item", "vector", "terms", "mode", "to", "k", "offset"} - set(SETTING_MAX)
+    unknown = set(body) - {"index", "text", "item", "vector", "terms", "mode", "hide_duplicates", "to", "k",
+                           "offset"} - set(SETTING_MAX)
     if unknown:
         raise QueryError(f"unknown field {sorted(unknown)[0]!r} in the search request")
     vector = body.get("vector")
@@ -173,7 +174,11 @@ def _json_query(body: dict) -> Query:
     mode = body.get("mode", "vector")
     if not isinstance(mode, str):
         raise QueryError("mode must be vector, keyword or hybrid")
-    return Query(text=text, item=item, vector=vector, terms=terms, mode=mode, to=body.get("to"), k=body.get("k", 24),
+    hide = body.get("hide_duplicates", False)
+    if not isinstance(hide, bool):
+        raise QueryError("hide_duplicates must be true or false")
+    return Query(text=text, item=item, vector=vector, terms=terms, mode=mode, hide_duplicates=hide,
+                 to=body.get("to"), k=body.get("k", 24),
                  offset=body.get("offset", 0), settings={n: body[n] for n in SETTING_MAX if n in body} or None)
 
 
@@ -208,7 +213,9 @@ async def _form_query(request: Request, limit: int) -> tuple[str | None, Query]:
             terms = tuple(terms_from_json(json.loads(raw_terms)))
         except (TypeError, ValueError):
             raise QueryError("terms must be a JSON list such as [{\"text\": \"a cat\", \"weight\": -1}]") from None
-    return form.get("index") or None, Query(image=data, terms=terms, to=to if isinstance(to, str) else None,
+    hide = form.get("hide_duplicates") in ("true", "1", "on")
+    return form.get("index") or None, Query(image=data, terms=terms, hide_duplicates=hide,
+                                            to=to if isinstance(to, str) else None,
                                             k=number("k", 24), offset=number("offset", 0), settings=settings or None)
 
 
@@ -225,6 +232,8 @@ SEARCH_BODY = {
                           "weight": {"type": "number", "default": 1}}}},
             "mode": {"type": "string", "enum": ["vector", "keyword", "hybrid"], "default": "vector",
                      "description": "for a text query: the model, the words of captions and file names, or both"},
+            "hide_duplicates": {"type": "boolean", "default": False,
+                                "description": "show one of each group of near-identical hits"},
             "to": {"type": "string", "enum": ["image", "text"]},
             "k": {"type": "integer", "minimum": 1, "maximum": 200, "default": 24},
             "offset": {"type": "integer", "minimum": 0, "default": 0},

@@ -22,6 +22,7 @@ from indexer.errors import CrossmodalError, QueryError
 from indexer.imageio import NotAnImage, TooLarge, open_image
 from indexer.vectors import serial_in_this_thread
 
+from ..duplicates import without_duplicates
 from ..hybrid import check_mode
 from ..searcher import MAX_K, SEARCH_SETTINGS, Answer, Searcher
 from ..terms import Term
@@ -56,6 +57,7 @@ class Query:
     offset: int = 0
     settings: dict | None = None  # nprobe, ef_search, rerank for this query
     mode: str = "vector"  # or keyword, hybrid (a text query only)
+    hide_duplicates: bool = False  # one of each group of near-identical hits
 
     def check(self) -> None:
         given = [name for name in ("text", "image", "item", "vector", "terms") if getattr(self, name) is not None]
@@ -105,10 +107,19 @@ class ServedIndex:
 
     def answer(self, query: Query, max_megapixels: float, decode: Callable) -> dict:
         searcher, to = self.searcher, query.target
-        if query.mode != "vector":
-            answer = searcher.answer_text(query.text, to=to, k=query.k, offset=query.offset,
-                                          settings=query.settings, mode=query.mode)
-            return self._as_dict(answer, to, query)
+        terms = self._terms(query, max_megapixels, decode)
+
+        def ask(k: int, offset: int = 0) -> Answer:
+            if query.mode != "vector":
+                return searcher.answer_text(query.text, to=to, k=k, offset=offset, settings=query.settings,
+                                            mode=query.mode)
+            return searcher.answer_terms(terms, to=to, k=k, offset=offset, settings=query.settings)
+
+        answer = without_duplicates(searcher, ask, query.k, query.offset) if query.hide_duplicates else \
+            ask(query.k, query.offset)
+        return self._as_dict(answer, to, query)
+
+    def _terms(self, query: Query, max_megapixels: float, decode: Callable) -> list[Term]:
         terms = list(query.terms or ())
         if query.text is not None:
             terms.insert(0, Term(text=query.text))
@@ -117,10 +128,9 @@ class ServedIndex:
         elif query.vector is not None:
             terms.insert(0, Term(vector=query.vector))
         elif query.image is not None:
-            draft = searcher.encoder.image_size * DRAFT_FACTOR
+            draft = self.searcher.encoder.image_size * DRAFT_FACTOR
             terms.insert(0, Term(image=decode(query.image, draft, max_megapixels)))
-        answer = searcher.answer_terms(terms, to=to, k=query.k, offset=query.offset, settings=query.settings)
-        return self._as_dict(answer, to, query)
+        return terms
 
     def _as_dict(self, answer: Answer, to: str, query: Query) -> dict:
         started = time.perf_counter()
