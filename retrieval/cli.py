@@ -251,6 +251,22 @@ def search_cmd(query, images, texts, likes, nots, mode, hide_duplicates, target,
         _print_hits(hits)
 
 
+def _print_fusion(index_dir: Path, ks: list[int], as_json: bool) -> None:
+    from .fusion import evaluate_fusion
+
+    result = evaluate_fusion(index_dir, ks)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"text->image over {result['images']:,} images with 2+ captions, {result['queries']:,} caption queries "
+               "(the first caption of each image is its text):")
+    click.echo(f"{'':<20}" + "".join(f"{'R@' + str(k):>8}" for k in ks))
+    best = max(result["table"], key=lambda label: result["table"][label][f"R@{ks[0]}"])
+    for label, row in result["table"].items():
+        mark = "  <- best" if label == best else ""
+        click.echo(f"{label:<20}" + "".join(f"{row[f'R@{k}'] * 100:>8.1f}" for k in ks) + mark)
+
+
 def _print_hits(hits: list[Hit]) -> None:
     if not hits:
         click.echo("no results: the index holds nothing of that kind")
@@ -325,10 +341,13 @@ def info_cmd(index_dir, skipped, warned, as_json):
               help="Write recall@k curves (k = 1..100, both directions, index vs exact) to this PNG.")
 @click.option("--save-run", is_flag=True, help="Store the result in the index's catalog.")
 @click.option("--history", is_flag=True, help="List the saved runs of this index instead of evaluating.")
+@click.option("--fusion", is_flag=True,
+              help="Text->image R@k of an image scored by its vector, its text, and fusions of both (one caption "
+                   "per image is its text, the others are the queries).")
 @json_option
 @domain_errors
 def eval_cmd(index_dir, karpathy_json, images_root, split, model, pretrained, device, ks, plot_path, save_run,
-             history, as_json):
+             history, fusion, as_json):
     """Recall@k text->image and image->text, through the index and exact.
 
     Evaluates the captions of an index built by `crossmodal index`, or a split of a Karpathy JSON.
@@ -342,6 +361,9 @@ def eval_cmd(index_dir, karpathy_json, images_root, split, model, pretrained, de
         return
     try:
         k_values = sorted({int(k) for k in ks.split(",") if k.strip()})
+        if fusion:
+            _print_fusion(index_dir, k_values, as_json)
+            return
     except ValueError:
         raise click.BadParameter(f"'{ks}' is not a comma-separated list of integers", param_hint="--k") from None
     curve_k = CURVE_K if plot_path else 0
