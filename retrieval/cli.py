@@ -176,8 +176,9 @@ def _echo_library_warnings(warned: dict[str, list[str]], verbose: bool) -> None:
 @click.option("--like", "likes", multiple=True, metavar="[W:]ID",
               help="More like this indexed item (an id from search --json; repeatable).")
 @click.option("--not", "nots", multiple=True, metavar="[W:]TEXT", help="Less like this text (repeatable).")
-@click.option("--mode", type=click.Choice(["vector", "keyword", "hybrid"]), default="vector", show_default=True,
-              help="For a text QUERY: the model, the words of captions, texts and file names, or both fused.")
+@click.option("--mode", type=click.Choice(["vector", "keyword", "hybrid", "fused"]), default="vector",
+              show_default=True, help="For a text QUERY: the model; the words of captions, texts and file names; "
+                                      "both rankings fused; or (to images) each image with its captions as one.")
 @click.option("--hide-duplicates", is_flag=True, help="Show one of each group of near-identical results.")
 @click.option("--to", "target", type=click.Choice(["image", "text"]), default=None,
               help="What to find [default: images for a text query, texts for an image query].")

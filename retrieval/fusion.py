@@ -16,6 +16,7 @@ and each fusion.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,7 +26,9 @@ from indexer.catalog import CAPTION
 from indexer.errors import CrossmodalError
 from indexer.store import IndexStore
 
+from .hits import Answer, Hit
 from .hybrid import RRF_K
+from .terms import Term
 
 ALPHAS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 TEMPERATURES = (0.01, 0.03, 0.1)
@@ -104,3 +107,47 @@ def evaluate_fusion(index_dir: Path, ks: Sequence[int] = (1, 5, 10), block: int 
             totals[label] = totals.get(label, 0) + np.array([recall[f"R@{k}"] for k in ks]) * len(rows)
     table = {label: {f"R@{k}": float(v / len(queries)) for k, v in zip(ks, total)} for label, total in totals.items()}
     return {"images": len(kept), "queries": len(queries), "ks": list(ks), "table": table}
+
+
+# Best R@1 of `crossmodal eval --fusion` on the generated corpus with the demo model (README).
+DEFAULT_FUSION = ("attention", 0.1)
+CANDIDATES = 100  # images and captions read from each ranking before fusing
+
+
+def answer_fused(searcher, query: str, *, k: int, offset: int = 0, settings: dict | None = None,
+                 fusion: tuple[str, float | None] = DEFAULT_FUSION) -> Answer:
+    """Text->image, each image scored by its vector and its captions' (``fusion``, module docstring).
+
+    Candidates are the images of the best ``CANDIDATES`` images and of the best ``CANDIDATES``
+    captions; an image without captions is scored by its vector alone.
+    """
+    notes: list[str] = []
+    timings: dict[str, float] = {}
+    q = searcher.query_vector([Term(text=query)], notes, timings)
+    depth = max(offset + k + 1, CANDIDATES)
+    by_image = searcher.answer_vector(q, to="image", k=depth, settings=settings)
+    by_text = searcher.answer_vector(q, to="text", k=depth, settings=settings)
+    started = time.perf_counter()
+    candidates = list(dict.fromkeys([h.id for h in by_image.hits] +
+                                    [h.image_id for h in by_text.hits if h.image_id is not None]))
+    catalog = searcher.store.catalog
+    captions = catalog.captions_of(candidates)
+    caption_ids = [c for image in candidates for c, _ in captions.get(image, [])]
+    vectors = searcher.store.fetch_vectors(candidates + caption_ids, strict=False)
+    s_image = vectors[:len(candidates)] @ q
+    of_caption = dict(zip(caption_ids, vectors[len(candidates):] @ q))
+    s_text = np.array([max((of_caption[c] for c, _ in captions.get(i, [])), default=np.nan) for i in candidates])
+    s_text = np.where(np.isnan(s_text), s_image, s_text)  # no captions: the image's own score
+    method, value = fusion
+    scores = fused_scores(s_image[None, :], s_text[None, :], method, value)[0]
+    order = [n for n in np.argsort(-scores, kind="stable") if not np.isnan(s_image[n])]
+    page_ids = [candidates[n] for n in order[offset:offset + k]]
+    items = catalog.items(page_ids)
+    score_of = {candidates[n]: float(scores[n]) for n in order}
+    hits = [Hit(offset + n + 1, score_of[i], i, items[i].kind, items[i].path, None, None, items[i].origin)
+            for n, i in enumerate(page_ids) if i in items]
+    timings["fusion"] = time.perf_counter() - started
+    for key in ("search", "catalog"):
+        timings[key] = by_image.timings.get(key, 0) + by_text.timings.get(key, 0)
+    return Answer(hits, notes + by_image.notes, timings, len(order) > offset + k or by_image.has_more,
+                  {hit.id: items[hit.id] for hit in hits})

@@ -15,7 +15,7 @@ from indexer.keywords import keyword_matches
 from .hits import Answer, Hit
 from .terms import Term
 
-MODES = ("vector", "keyword", "hybrid")
+MODES = ("vector", "keyword", "hybrid", "fused")  # fused: retrieval/fusion.py
 RRF_K = 60  # Cormack, Clarke & Buettcher (2009): the constant that damps the weight of top ranks
 HYBRID_DEPTH = 100  # how deep each ranking is read before fusing
 

@@ -24,6 +24,7 @@ from indexer.spec import IndexSpec
 from indexer.store import MODALITIES, IndexStore, encoder_for, identity_from_meta
 from indexer.vectors import VectorStore, gpu_wanted
 
+from .fusion import answer_fused
 from .hits import MAX_K, Answer, Hit
 from .hybrid import answer_words
 from .terms import KINDS as TERM_KINDS
@@ -139,9 +140,15 @@ class Searcher:
         """The ``k`` best ``to`` items from rank ``offset`` on; ``settings`` override nprobe, ef_search or
         rerank for this query only (the other ``answer_*`` methods take the same page and settings).
 
-        ``mode``: ``vector`` (the model), ``keyword`` (the words of captions, texts and file names) or
-        ``hybrid`` (both rankings fused; see :mod:`retrieval.hybrid`).
+        ``mode``: ``vector`` (the model), ``keyword`` (the words of captions, texts and file names),
+        ``hybrid`` (both rankings fused; see :mod:`retrieval.hybrid`) or ``fused`` (images scored by
+        their own vectors and their captions'; see :mod:`retrieval.fusion`).
         """
+        if mode == "fused":  # images scored by their vectors and their captions' (retrieval/fusion.py)
+            if to != "image":
+                raise QueryError("the fused mode finds images (an image and its captions as one document)")
+            _check_page(k, offset)
+            return answer_fused(self, query, k=k, offset=offset, settings=settings)
         if mode != "vector":
             return answer_words(self, query, to=to, k=k, offset=offset, settings=settings, mode=mode)
         return self.answer_terms([Term(text=query)], to=to, k=k, offset=offset, settings=settings)
@@ -168,19 +175,27 @@ class Searcher:
         vector, or a vector given as is; ``w_i`` its weight, negative for "less like this". Items used
         as terms are left out of the results. Raises :class:`QueryError` when the terms cancel out.
         """
-        terms = list(terms)
-        check_terms(terms)
         _check_page(k, offset)
         notes: list[str] = []
         timings: dict[str, float] = {}
-        vectors = self._term_vectors(terms, notes, timings)
-        weights = np.array([term.weight for term in terms], dtype=np.float32)
-        query = weights @ vectors
-        if np.linalg.norm(query) <= 1e-6 * np.abs(weights).sum():
-            raise QueryError("the query's terms cancel out (the same thing searched for and against): "
-                             "change a weight or drop a term")
+        query = self.query_vector(terms, notes, timings)
         exclude = {term.item for term in terms if term.item is not None}
         return self._answer(query, to, k, offset, notes, timings, settings, exclude)
+
+    def query_vector(self, terms: Sequence[Term], notes: list[str] | None = None,
+                     timings: dict[str, float] | None = None) -> np.ndarray:
+        """The unit query vector of ``terms`` (as :meth:`answer_terms` defines it); what there is to say
+        about them goes to ``notes``, the seconds spent to ``timings``."""
+        terms = list(terms)
+        check_terms(terms)
+        vectors = self._term_vectors(terms, [] if notes is None else notes, {} if timings is None else timings)
+        weights = np.array([term.weight for term in terms], dtype=np.float32)
+        query = weights @ vectors
+        norm = float(np.linalg.norm(query))
+        if norm <= 1e-6 * np.abs(weights).sum():
+            raise QueryError("the query's terms cancel out (the same thing searched for and against): "
+                             "change a weight or drop a term")
+        return query / norm
 
     def _term_vectors(self, terms: list[Term], notes: list[str], timings: dict[str, float]) -> np.ndarray:
         """One unit vector per term, in order; texts and images are each encoded as one batch."""

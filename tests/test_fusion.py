@@ -46,3 +46,26 @@ def test_eval_fusion_reports_every_method_and_a_fusion_beats_the_image_alone(sha
     assert best > table["image only"]["R@1"]
     human = CliRunner().invoke(cli, ["eval", "--fusion", "--index", str(shapes / "index")]).output
     assert "<- best" in human and "image only" in human
+
+
+@pytest.mark.slow
+def test_fused_search_scores_each_image_with_its_captions_as_defined(shapes_searcher):
+    from indexer.errors import QueryError
+    from retrieval.fusion import DEFAULT_FUSION
+    from retrieval.terms import Term
+
+    searcher = shapes_searcher
+    catalog = searcher.store.catalog
+    q = searcher.query_vector([Term(text="a yellow triangle")])
+    image_ids = catalog.vector_ids("image").tolist()  # 80 images: every one is a candidate
+    captions = catalog.captions_of(image_ids)
+    s_image = searcher.store.fetch_vectors(image_ids) @ q
+    s_text = np.array([max(float(searcher.store.fetch_vectors([c])[0] @ q) for c, _ in captions[i])
+                       for i in image_ids])
+    expected = fused_scores(s_image[None], s_text[None], *DEFAULT_FUSION)[0]
+    order = [image_ids[n] for n in np.argsort(-expected, kind="stable")][:12]
+    answer = searcher.answer_text("a yellow triangle", k=12, mode="fused")
+    assert [h.id for h in answer.hits] == order and [h.rank for h in answer.hits] == list(range(1, 13))
+    assert [h.id for h in searcher.answer_text("a yellow triangle", k=4, offset=8, mode="fused").hits] == order[8:]
+    with pytest.raises(QueryError, match="finds images"):
+        searcher.answer_text("x", to="text", mode="fused")
