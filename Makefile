@@ -45,6 +45,8 @@ demo: $(STAMP)
 	$(CM) search --image $(DEMO_DIR)/corpus/test/000003.png --index $(DEMO_DIR)/index -k 3
 	@echo; echo '== recall@k over the 300 images and their 900 captions'
 	$(CM) eval --index $(DEMO_DIR)/index
+	@echo; echo '== text -> image scored by the image, its captions, and fusions of both'
+	$(CM) eval --fusion --index $(DEMO_DIR)/index
 	@echo; echo "index: $(DEMO_DIR)/index   try: $(VENV)/bin/crossmodal search 'a green triangle at the top' --index $(DEMO_DIR)/index"
 	@echo "browse it:  $(VENV)/bin/crossmodal serve --index $(DEMO_DIR)/index   (then open http://127.0.0.1:8000)"
 
