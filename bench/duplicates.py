@@ -71,7 +71,7 @@ def speed(count: int, dim: int, seed: int) -> tuple[float, int]:
     vectors = rng.standard_normal((count, dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     copies = rng.choice(count, count // 100, replace=False)  # 1% near-copies of other rows
-    vectors[copies] = vectors[(copies + 1) % count] + 0.02 * rng.standard_normal((len(copies), dim))
+    vectors[copies] = vectors[(copies + 1) % count] + 0.005 * rng.standard_normal((len(copies), dim))  # cos ~0.99
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     started = time.perf_counter()
     groups = linked_rows(vectors, [None] * count, 0.97)
