@@ -118,8 +118,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-# -- a real index of generated images with the bundled demo model (one per test module) -------------
-@pytest.fixture(scope="module")
+# -- a real index of generated images with the bundled demo model (one per session: tests only read it) --
+@pytest.fixture(scope="session")
 def shapes(tmp_path_factory) -> Path:
     """80 generated images with 3 captions each, indexed with the demo model."""
     root = tmp_path_factory.mktemp("demo")
@@ -133,7 +133,7 @@ def shapes(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def shapes_searcher(shapes):
     from retrieval.searcher import Searcher
 
