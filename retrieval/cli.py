@@ -362,11 +362,11 @@ def eval_cmd(index_dir, karpathy_json, images_root, split, model, pretrained, de
         return
     try:
         k_values = sorted({int(k) for k in ks.split(",") if k.strip()})
-        if fusion:
-            _print_fusion(index_dir, k_values, as_json)
-            return
     except ValueError:
         raise click.BadParameter(f"'{ks}' is not a comma-separated list of integers", param_hint="--k") from None
+    if fusion:
+        _print_fusion(index_dir, k_values, as_json)
+        return
     curve_k = CURVE_K if plot_path else 0
     source = "index"
     if karpathy_json:

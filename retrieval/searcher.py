@@ -222,13 +222,10 @@ class Searcher:
             out[rows["item"]] = stored
             timings["catalog"] = time.perf_counter() - started
         for n in rows["vector"]:
-            vector = np.asarray(terms[n].vector, dtype=np.float32)
-            if vector.ndim != 1 or vector.shape[0] != dim:
-                raise QueryError(f"query vectors have {vector.shape[-1] if vector.ndim else 1} dimensions, "
-                                 f"the index has {dim}")
-            if not np.isfinite(vector).all():
-                raise QueryError("query vectors hold NaN or infinite values")
-            out[n] = vector
+            vector = _checked_queries(terms[n].vector, dim)
+            if len(vector) != 1:
+                raise QueryError(f"a vector term is one vector; this one has {len(vector)} rows")
+            out[n] = vector[0]
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         if (norms == 0).any():
             raise QueryError("a query vector is all zeros: it points nowhere")
@@ -263,12 +260,7 @@ class Searcher:
     def _search(self, queries, to: str, k: int, timings: dict[str, float], settings: dict,
                 exclude: set[int] = frozenset()) -> tuple[list[tuple[list[Hit], bool]], dict[int, ItemView]]:
         """Per query: its hits, and whether the vectors held more than were asked for; and the items read."""
-        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-        dim = self.store.meta.embed_dim
-        if queries.ndim != 2 or queries.shape[1] != dim:
-            raise QueryError(f"query vectors have {queries.shape[-1]} dimensions, the index has {dim}")
-        if not np.isfinite(queries).all():
-            raise QueryError("query vectors hold NaN or infinite values")
+        queries = _checked_queries(queries, self.store.meta.embed_dim)
         norms = np.linalg.norm(queries, axis=1, keepdims=True)
         queries = queries / np.where(norms == 0, 1, norms)
         store = self.vectors(to)
@@ -310,6 +302,16 @@ class Searcher:
             raise QueryError(f"cannot read query image {path}: {exc}") from None
         notes += [f"query image: {line}" for line in said.capped()]
         return image
+
+
+def _checked_queries(queries, dim: int) -> np.ndarray:
+    """Query vectors as a float32 (N, dim) array, refused with a reason when that is not what they are."""
+    queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+    if queries.ndim != 2 or queries.shape[1] != dim:
+        raise QueryError(f"query vectors have {queries.shape[-1]} dimensions, the index has {dim}")
+    if not np.isfinite(queries).all():
+        raise QueryError("query vectors hold NaN or infinite values")
+    return queries
 
 
 def _check_settings(spec: IndexSpec, settings: dict) -> dict:

@@ -97,13 +97,22 @@ def terms_from_json(raw) -> list[Term]:
         unknown = set(entry) - {"text", "item", "vector", "weight"}
         if unknown:
             raise QueryError(f"term {n} has an unknown field {sorted(unknown)[0]!r} (use text, item, vector, weight)")
-        text, item, vector = entry.get("text"), entry.get("item"), entry.get("vector")
-        if text is not None and (not isinstance(text, str) or not text.strip()):
+        text, item, vector = json_values(entry, f"term {n}: ")
+        if text is not None and not text.strip():
             raise QueryError(f"term {n}: text must be a non-empty string")
-        if item is not None and (not isinstance(item, int) or isinstance(item, bool)):
-            raise QueryError(f"term {n}: item must be an item id (a whole number)")
-        if vector is not None and (not isinstance(vector, list) or not all(
-                isinstance(x, int | float) and not isinstance(x, bool) for x in vector)):
-            raise QueryError(f"term {n}: vector must be a list of numbers")
         terms.append(Term(text=text, item=item, vector=vector, weight=entry.get("weight", 1.0)))
     return terms
+
+
+def json_values(entry: dict, where: str = "") -> tuple[str | None, int | None, list | None]:
+    """The ``text``, ``item`` and ``vector`` of a JSON search request or of one of its terms, each
+    checked to be of its type; ``where`` starts the messages (``"term 2: "``)."""
+    text, item, vector = entry.get("text"), entry.get("item"), entry.get("vector")
+    if text is not None and not isinstance(text, str):
+        raise QueryError(f"{where}text must be a string")
+    if item is not None and (not isinstance(item, int) or isinstance(item, bool)):
+        raise QueryError(f"{where}item must be an item id (a whole number)")
+    if vector is not None and (not isinstance(vector, list) or not all(
+            isinstance(x, int | float) and not isinstance(x, bool) for x in vector)):
+        raise QueryError(f"{where}vector must be a list of numbers")
+    return text, item, vector

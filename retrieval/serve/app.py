@@ -22,7 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from indexer.errors import CrossmodalError, QueryError
 
-from ..terms import terms_from_json
+from ..hybrid import MODES
+from ..terms import json_values, terms_from_json
 from .files import MAX_THUMB_SIZE, THUMB_SIZE, Forbidden, NotFound
 from .guard import COOKIE, JSON, Guard, error
 from .metrics import Metrics
@@ -161,19 +162,11 @@ def _json_query(body: dict) -> Query:
                            "offset"} - set(SETTING_MAX)
     if unknown:
         raise QueryError(f"unknown field {sorted(unknown)[0]!r} in the search request")
-    vector = body.get("vector")
-    if vector is not None and (not isinstance(vector, list) or not all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) for x in vector)):
-        raise QueryError("vector must be a list of numbers")
-    text, item = body.get("text"), body.get("item")
-    if text is not None and not isinstance(text, str):
-        raise QueryError("text must be a string")
-    if item is not None and (not isinstance(item, int) or isinstance(item, bool)):
-        raise QueryError("item must be an item id (a whole number)")
+    text, item, vector = json_values(body)
     terms = tuple(terms_from_json(body["terms"])) if "terms" in body else None
     mode = body.get("mode", "vector")
     if not isinstance(mode, str):
-        raise QueryError("mode must be vector, keyword or hybrid")
+        raise QueryError(f"mode must be one of {', '.join(MODES)}")
     hide = body.get("hide_duplicates", False)
     if not isinstance(hide, bool):
         raise QueryError("hide_duplicates must be true or false")
@@ -230,8 +223,9 @@ SEARCH_BODY = {
                           "text": {"type": "string"}, "item": {"type": "integer"},
                           "vector": {"type": "array", "items": {"type": "number"}},
                           "weight": {"type": "number", "default": 1}}}},
-            "mode": {"type": "string", "enum": ["vector", "keyword", "hybrid"], "default": "vector",
-                     "description": "for a text query: the model, the words of captions and file names, or both"},
+            "mode": {"type": "string", "enum": list(MODES), "default": "vector",
+                     "description": "for a text query: the model, the words of captions and file names, both "
+                                    "rankings fused, or (to images) each image with its captions as one"},
             "hide_duplicates": {"type": "boolean", "default": False,
                                 "description": "show one of each group of near-identical hits"},
             "to": {"type": "string", "enum": ["image", "text"]},

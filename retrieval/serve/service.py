@@ -211,7 +211,7 @@ class Service:
     def __init__(self, settings: ServeSettings, say: Callable[[str], None] = lambda line: None):
         self.settings = settings
         self.indexes: dict[str, ServedIndex] = {}
-        self._encoders: list[BatchingEncoder] = []  # one per model, shared by its indexes
+        self._encoders: dict[tuple, BatchingEncoder] = {}  # one per model, shared by its indexes
         self._pool = concurrent.futures.ThreadPoolExecutor(settings.workers, thread_name_prefix="cm-query",
                                                            initializer=serial_in_this_thread)
         self._decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cm-upload")
@@ -228,7 +228,6 @@ class Service:
         self._refresher.start()
 
     def _open(self, say: Callable[[str], None]) -> None:
-        encoders: dict = {}  # indexes of one model share it
         cache = Path(self.settings.cache_dir or default_cache_dir())
         for name, directory in self.settings.indexes.items():
             started = time.perf_counter()
@@ -236,10 +235,9 @@ class Service:
                                      pretrained=self.settings.pretrained, device=self.settings.device)
             identity = searcher.store.identity
             key = (identity.name, identity.pretrained, identity.checkpoint_sha256)
-            if key not in encoders:
-                encoders[key] = BatchingEncoder(lambda searcher=searcher: searcher.encoder)
-                self._encoders.append(encoders[key])
-            searcher = Searcher(searcher.store, encoder=encoders[key], device=self.settings.device)
+            if key not in self._encoders:
+                self._encoders[key] = BatchingEncoder(lambda searcher=searcher: searcher.encoder)
+            searcher = Searcher(searcher.store, encoder=self._encoders[key], device=self.settings.device)
             opened = time.perf_counter()
             for modality in ("image", "text"):
                 searcher.vectors(modality)
@@ -316,5 +314,5 @@ class Service:
         self._decoder.shutdown(wait=False, cancel_futures=True)
         for served in self.indexes.values():
             served.searcher.close()
-        for encoder in self._encoders:
+        for encoder in self._encoders.values():
             encoder.close()
