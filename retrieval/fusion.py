@@ -26,7 +26,7 @@ from indexer.catalog import CAPTION
 from indexer.errors import CrossmodalError
 from indexer.store import IndexStore
 
-from .hits import Answer, Hit
+from .hits import MAX_K, Answer, Hit
 from .hybrid import RRF_K
 from .terms import Term
 
@@ -124,7 +124,7 @@ def answer_fused(searcher, query: str, *, k: int, offset: int = 0, settings: dic
     notes: list[str] = []
     timings: dict[str, float] = {}
     q = searcher.query_vector([Term(text=query)], notes, timings)
-    depth = max(offset + k + 1, CANDIDATES)
+    depth = min(max(offset + k + 1, CANDIDATES), MAX_K)  # the one more says whether a next page exists
     by_image = searcher.answer_vector(q, to="image", k=depth, settings=settings)
     by_text = searcher.answer_vector(q, to="text", k=depth, settings=settings)
     started = time.perf_counter()

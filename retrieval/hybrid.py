@@ -12,7 +12,7 @@ import time
 from indexer.errors import QueryError
 from indexer.keywords import keyword_matches
 
-from .hits import Answer, Hit
+from .hits import MAX_K, Answer, Hit
 from .terms import Term
 
 MODES = ("vector", "keyword", "hybrid", "fused")  # fused: retrieval/fusion.py
@@ -56,7 +56,8 @@ def answer_words(searcher, query: str, *, to: str, k: int, offset: int, settings
     if mode == "keyword":
         ranked = words
     else:
-        model = searcher.answer_terms([Term(text=query)], to=to, k=max(depth, HYBRID_DEPTH), settings=settings)
+        model = searcher.answer_terms([Term(text=query)], to=to, k=min(max(depth, HYBRID_DEPTH), MAX_K),
+                                      settings=settings)
         notes += model.notes
         timings.update(model.timings)
         items.update(model.items)
