@@ -1,4 +1,5 @@
-"""The only module that calls faiss: a :class:`VectorStore` per modality, of any kind in :mod:`indexer.spec`.
+"""The only modules that call faiss: a :class:`VectorStore` per modality, of any kind in :mod:`indexer.spec`
+(each kind's faiss index behind the interface of :mod:`indexer.backends`).
 
 Ids are catalog primary keys. Kinds that learn from data (``ivf``, ``ivfpq``, ``lsh``, ``itq``, and
 ``auto`` until it is resolved) hold added vectors aside until :meth:`VectorStore.train`; meanwhile
@@ -8,7 +9,6 @@ catalog, in an index).
 
 from __future__ import annotations
 
-import io
 import os
 import zipfile
 from collections.abc import Callable, Iterator
@@ -17,10 +17,24 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from . import backends
+from .backends import Allowed, Backend, Binary, gpu_count
 from .errors import CrossmodalError, VectorFileError
-from .spec import BINARY, LEARNED, MIN_TRAIN, TRAIN_SAMPLE, IndexSpec, TooFewVectors, nlist_for, pq_bytes_for
+from .spec import (
+    BINARY,
+    LEARNED,
+    MIN_TRAIN,
+    TRAIN_SAMPLE,
+    IndexSpec,
+    TooFewVectors,
+    nlist_for,
+    pq_bytes_for,
+)
 
 OPQ_ITERATIONS = 20
+# A filter admitting at most this share of the vectors is searched exactly over just those: the
+# index would visit mostly vectors it must then skip.
+EXACT_SHARE = 0.02
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -34,19 +48,15 @@ def _ids(x) -> np.ndarray:
 class VectorStore:
     """One modality's vectors in one kind of index, with id-based add, remove, search and save."""
 
-    def __init__(self, spec: IndexSpec, dim: int, index=None, codec=None):
+    def __init__(self, spec: IndexSpec, dim: int, backend: Backend | None = None):
         self.spec, self.dim = spec, dim
-        self.index = index  # faiss.Index or faiss.IndexBinary; None until trained for learned kinds
-        self.codec = codec  # binary kinds: the float -> code transform
+        self.backend = backend  # None until trained for learned kinds
+        if backend is None and spec.kind not in LEARNED:
+            self.backend = backends.empty(spec, dim)
         self.exact: Callable[[np.ndarray], np.ndarray] | None = None  # full vectors by id, for re-ranking
         self.use_gpu = False  # flat and IVF search, IVF training on the GPU (see gpu_wanted)
-        self._derived = None  # built from the index for searching (a GPU copy; HNSW's id map and tombstone
-        # filter), dropped at every change
         self._pending_ids = np.zeros(0, dtype=np.int64)
         self._pending = np.zeros((0, dim), dtype=np.float32)
-        self._dead = np.zeros(0, dtype=bool)  # hnsw: tombstoned positions
-        if index is None and spec.kind not in LEARNED:
-            self.index = _new_index(spec, dim)
 
     @classmethod
     def empty(cls, spec: IndexSpec, dim: int) -> VectorStore:
@@ -64,59 +74,33 @@ class VectorStore:
         except OSError as exc:
             raise CrossmodalError(f"cannot read vector file {path}: {exc.strerror or exc}") from exc
         try:
-            if spec.kind in BINARY:
-                with np.load(path) as parts:
-                    codec = faiss.read_VectorTransform(_reader(parts["codec"]))
-                    index = faiss.deserialize_index_binary(parts["index"])
-            else:
-                index, codec = faiss.read_index(str(path)), None
+            backend = backends.read(path, spec, dim)
+        except backends.WrongKind as exc:
+            raise StaleVectorFile(f"{path} holds a {exc.found} index, the catalog says {spec.describe()}") from None
         except (RuntimeError, OSError, ValueError, KeyError, EOFError, MemoryError, zipfile.BadZipFile) as exc:
             # faiss's text ends in an errno that has nothing to do with the file, e.g. "(Success)"
             raise _damaged(path) from exc
-        expected = "binary" if spec.kind in BINARY else spec.kind
-        if _kind_of(index) != expected or index.d != (spec.params.get("bits") if spec.kind in BINARY else dim):
-            raise StaleVectorFile(f"{path} holds a {_kind_of(index)} index, the catalog says {spec.describe()}")
-        store = cls(spec, dim, index, codec)
-        if spec.kind == "hnsw":
-            store._dead = np.zeros(index.ntotal, dtype=bool)
-        return store
+        return cls(spec, dim, backend)
 
     # -- what it holds --------------------------------------------------------------------------
     @property
     def trained(self) -> bool:
-        return self.index is not None
+        return self.backend is not None
 
     def __len__(self) -> int:
-        if self.index is None:
-            return len(self._pending_ids)
-        return int(self.index.ntotal - (self._dead.sum() if self.spec.kind == "hnsw" else 0))
+        return len(self._pending_ids) if self.backend is None else len(self.backend)
 
     def ids(self) -> np.ndarray:
-        if self.index is None:
-            return self._pending_ids.copy()
-        if self.spec.kind == "hnsw":
-            return self._id_map()[~self._dead]
-        if self.spec.kind in ("ivf", "ivfpq"):
-            lists = faiss.extract_index_ivf(self.index).invlists
-            held = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
-                    for i in range(lists.nlist) if lists.list_size(i)]
-            return np.concatenate(held).astype(np.int64) if held else np.zeros(0, dtype=np.int64)
-        return self._id_map()
-
-    def _id_map(self) -> np.ndarray:
-        return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        return self._pending_ids.copy() if self.backend is None else self.backend.ids()
 
     def nlist(self) -> int:
-        return int(faiss.extract_index_ivf(self.index).nlist)
+        return self.backend.nlist()
 
     def code_bytes(self) -> int:
         """Bytes each vector takes in the index structure (codes, not ids or graph links)."""
-        kind = self.spec.kind
-        if kind == "ivfpq":
-            return int(faiss.extract_index_ivf(self.index).code_size)
-        if kind in BINARY:
-            return self.spec.params["bits"] // 8
-        return self.dim * 4
+        if self.backend is None:
+            return self.spec.params["bits"] // 8 if self.spec.kind in BINARY else self.dim * 4
+        return self.backend.code_bytes()
 
     def held_aside(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) added before training."""
@@ -127,14 +111,14 @@ class VectorStore:
         """Learn the index from ``sample`` (for ``n`` vectors in all), then index what was held aside."""
         if self.spec.kind == "auto":
             raise CrossmodalError("internal: resolve an auto spec (indexer.tuning) before training")
-        if self.index is not None:  # trained already (or a kind that does not learn): adding needs no training
+        if self.backend is not None:  # trained already (or a kind that does not learn): adding needs no training
             return
         sample = _unit(sample)
         n = n or len(sample)
         need = MIN_TRAIN[self.spec.kind]
         if len(sample) < need:
             raise TooFewVectors.for_kind(self.spec.kind, len(sample))
-        self.spec, self.index, self.codec = _trained(self.spec, self.dim, sample, n, self.use_gpu)
+        self.spec, self.backend = _trained(self.spec, self.dim, sample, n, self.use_gpu)
         ids, vectors = self._pending_ids, self._pending
         self._pending_ids, self._pending = np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), np.float32)
         self.add(ids, vectors)
@@ -145,43 +129,21 @@ class VectorStore:
         ids, vectors = _ids(ids), _unit(vectors)
         if not len(ids):
             return
-        self._derived = None
-        if self.index is None:
+        if self.backend is None:
             self._pending_ids = np.concatenate([self._pending_ids, ids])
             self._pending = np.concatenate([self._pending, vectors])
-        elif self.spec.kind in BINARY:
-            self.index.add_with_ids(self._codes(vectors), ids)
         else:
-            self.index.add_with_ids(vectors, ids)
-            if self.spec.kind == "hnsw":
-                self._dead = np.concatenate([self._dead, np.zeros(len(ids), dtype=bool)])
+            self.backend.add(ids, vectors)
 
     def remove(self, ids: np.ndarray) -> int:
         ids = _ids(ids)
         if not len(ids):
             return 0
-        self._derived = None
-        if self.index is None:
-            keep = ~np.isin(self._pending_ids, ids)
-            removed = int((~keep).sum())
-            self._pending_ids, self._pending = self._pending_ids[keep], self._pending[keep]
-            return removed
-        if self.spec.kind != "hnsw":
-            return int(self.index.remove_ids(ids))
-        hit = np.isin(self._id_map(), ids) & ~self._dead
-        self._dead |= hit
-        if self._dead.sum() > self.spec.params["tombstones"] * len(self._dead):
-            self._compact()
-        return int(hit.sum())
-
-    def _compact(self) -> None:
-        """Rebuild the HNSW graph from its live vectors, dropping tombstones."""
-        inner = faiss.downcast_index(self.index.index)
-        live = np.flatnonzero(~self._dead)
-        vectors = inner.storage.reconstruct_n(0, inner.ntotal)[live]
-        ids = self._id_map()[live]
-        self.index, self._dead = _new_index(self.spec, self.dim), np.zeros(0, dtype=bool)
-        self.add(ids, vectors)
+        if self.backend is not None:
+            return self.backend.remove(ids)
+        keep = ~np.isin(self._pending_ids, ids)
+        self._pending_ids, self._pending = self._pending_ids[keep], self._pending[keep]
+        return int((~keep).sum())
 
     def sync(self, expected_ids: np.ndarray, fetch: Callable[[np.ndarray], np.ndarray]) -> tuple[int, int]:
         """Make the ids held equal ``expected_ids``: add missing ones (vectors from ``fetch``), drop extras.
@@ -189,13 +151,8 @@ class VectorStore:
         This is how a vector file catches up with the catalog after an interrupted run.
         """
         expected_ids = _ids(expected_ids)
-        if self.spec.kind == "hnsw" and self.index is not None and len(self._dead):
-            # An id written twice (removed, then added again) lives at its last position only.
-            id_map = self._id_map()
-            last = np.zeros(len(id_map), dtype=bool)
-            last[len(id_map) - 1 - np.unique(id_map[::-1], return_index=True)[1]] = True
-            self._dead |= ~last
-            self._derived = None
+        if isinstance(self.backend, backends.HNSW) and len(self.backend.dead):
+            self.backend.keep_last_copies()
         held, copies = np.unique(self.ids(), return_counts=True)
         doubled = held[copies > 1]
         if len(doubled):  # every copy goes; the catalog's vector comes back below
@@ -209,62 +166,32 @@ class VectorStore:
         return len(missing), len(extra)
 
     # -- search ---------------------------------------------------------------------------------
-    def search(self, queries: np.ndarray, k: int, **settings) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k inner products; rows padded with id -1 where fewer than k vectors exist.
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
+               **settings) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k inner products, among the ids in ``allowed`` when it is given; rows padded with id
+        -1 where fewer than k vectors (allowed ones) exist.
 
-        ``settings`` override the spec's search parameters for this call (nprobe, ef_search, rerank).
+        A filter is applied inside the index (faiss's id selectors), so k results come back when k
+        allowed vectors exist; a filter admitting at most ``EXACT_SHARE`` of the vectors is searched
+        exactly over those vectors. ``settings`` override the spec's search parameters for this call
+        (nprobe, ef_search, rerank).
         """
         queries = _unit(np.atleast_2d(queries))
         params = {**self.spec.params, **settings}
-        k = max(1, min(k, len(self)))
-        if self.index is None:
-            return exact_top_k(queries, self._pending, self._pending_ids, k)
-        kind = self.spec.kind
-        if kind == "flat":
-            return self._searched(queries, k)
-        if kind == "ivf":
-            return self._searched(queries, k, params["nprobe"])
-        if kind == "hnsw":
-            return self._search_hnsw(queries, k, params["ef_search"])
-        depth = max(k, params["rerank"])
-        if kind == "ivfpq":
-            scores, found = self.index.search(queries, depth, params=faiss.SearchParametersIVF(nprobe=params["nprobe"]))
-        else:
-            distances, found = self.index.search(self._codes(queries), depth)
-            scores = np.cos(np.pi * distances / params["bits"]).astype(np.float32)  # SimHash's cosine estimate
+        admitted = Allowed(allowed) if allowed is not None else None
+        k = max(1, min(k, len(self) if admitted is None else max(1, len(admitted))))
+        if self.backend is None:
+            base, base_ids = self._pending, self._pending_ids
+            if admitted is not None:
+                keep = np.isin(base_ids, admitted.ids)
+                base, base_ids = base[keep], base_ids[keep]
+            return exact_top_k(queries, base, base_ids, k)
+        if admitted is not None and self.exact is not None and len(admitted) <= EXACT_SHARE * len(self):
+            return _finite(exact_top_k(queries, self.exact(admitted.ids), admitted.ids, k))
+        if not self.backend.reranks:
+            return self.backend.search(queries, k, params, admitted, self.use_gpu)
+        scores, found = self.backend.search(queries, max(k, params["rerank"]), params, admitted, self.use_gpu)
         return self._rerank(queries, scores, found, k)
-
-    def _searched(self, queries: np.ndarray, k: int, nprobe: int | None = None):
-        """Flat or IVF search, on the GPU when asked for and faiss has one; on the CPU otherwise."""
-        if self.use_gpu and gpu_count() and self._derived is None:
-            try:
-                self._derived = faiss.index_cpu_to_all_gpus(self.index)
-            except RuntimeError:  # a structure the GPU build cannot clone: stay on the CPU
-                self.use_gpu = False
-        if self.use_gpu and self._derived is not None:
-            if nprobe is not None:
-                faiss.GpuParameterSpace().set_index_parameter(self._derived, "nprobe", min(nprobe, 2048))
-            return self._derived.search(queries, k)
-        if nprobe is None:
-            return self.index.search(queries, k)
-        return self.index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
-
-    def _search_hnsw(self, queries: np.ndarray, k: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._derived is None:  # positions -> ids, and the tombstone filter
-            bitmap = np.packbits(self._dead, bitorder="little")
-            # Python must hold every piece: faiss keeps raw pointers to the bitmap and the inner selector.
-            alive = None
-            if self._dead.any():
-                dead = faiss.IDSelectorBitmap(len(self._dead), faiss.swig_ptr(bitmap))
-                alive = (faiss.IDSelectorNot(dead), dead, bitmap)
-            self._derived = (self._id_map(), alive)
-        id_map, alive = self._derived
-        settings = faiss.SearchParametersHNSW()
-        settings.efSearch = max(ef, k)
-        if alive is not None:
-            settings.sel = alive[0]
-        scores, positions = faiss.downcast_index(self.index.index).search(queries, k, params=settings)
-        return scores, np.where(positions >= 0, id_map[np.maximum(positions, 0)], -1)
 
     def _rerank(self, queries, scores, found, k) -> tuple[np.ndarray, np.ndarray]:
         if self.exact is None:  # no full vectors at hand: approximate scores, best first
@@ -285,9 +212,6 @@ class VectorStore:
         out_ids[~np.isfinite(out_scores)] = -1
         return out_scores, out_ids
 
-    def _codes(self, vectors: np.ndarray) -> np.ndarray:
-        return np.packbits(self.codec.apply(_unit(vectors)) > 0, axis=1)
-
     # -- files ----------------------------------------------------------------------------------
     def save(self, path: Path) -> None:
         """Write atomically: a reader sees the old file or the new one, never half of one.
@@ -296,20 +220,12 @@ class VectorStore:
         are all in the catalog, and the next run trains on them.
         """
         path = Path(path)
-        if self.index is None:
+        if self.backend is None:
             path.unlink(missing_ok=True)
             return
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            if self.spec.kind in BINARY:
-                writer = faiss.VectorIOWriter()
-                faiss.write_VectorTransform(self.codec, writer)
-                buffer = io.BytesIO()
-                np.savez(buffer, codec=faiss.vector_to_array(writer.data),
-                         index=faiss.serialize_index_binary(self.index))
-                tmp.write_bytes(buffer.getvalue())
-            else:
-                faiss.write_index(self.index, str(tmp))
+            self.backend.write(tmp)
             _fsync(tmp)
             os.replace(tmp, path)
         finally:
@@ -322,6 +238,14 @@ class StaleVectorFile(CrossmodalError):
     """A vector file of another kind than the catalog's spec (a reindex was interrupted)."""
 
 
+def _finite(result: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    scores, ids = result  # a vector the catalog no longer has (deleted meanwhile) scores NaN
+    bad = ~np.isfinite(scores)
+    scores[bad], ids[bad] = -np.inf, -1
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+
 def _damaged(path: Path) -> VectorFileError:
     try:
         size = Path(path).stat().st_size
@@ -330,16 +254,6 @@ def _damaged(path: Path) -> VectorFileError:
     what = "it is empty" if size == 0 else "faiss cannot read it: truncated or overwritten"
     return VectorFileError(f"the vector file {path} is damaged ({what}); `crossmodal verify --repair` rebuilds it "
                            "from the vectors in the catalog")
-
-
-def _new_index(spec: IndexSpec, dim: int):
-    if spec.kind == "flat":
-        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    if spec.kind == "hnsw":
-        graph = faiss.IndexHNSWFlat(dim, spec.params["M"], faiss.METRIC_INNER_PRODUCT)
-        graph.hnsw.efConstruction = spec.params["ef_construction"]
-        return faiss.IndexIDMap2(graph)
-    raise CrossmodalError(f"internal: a {spec.kind} index is made by training")
 
 
 def similar_pairs(vectors: np.ndarray, threshold: float, k: int = 16, block: int = 2048,
@@ -381,18 +295,13 @@ def serial_in_this_thread() -> None:
     faiss.omp_set_num_threads(1)
 
 
-def gpu_count() -> int:
-    """GPUs faiss can use: 0 with faiss-cpu (the GPU build is ``pip install 'crossmodal-search[gpu]'``)."""
-    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-
-
 def gpu_wanted(device: str) -> bool:
     """Whether a --device asks faiss for the GPU (auto: when there is one); no GPU means CPU, quietly."""
     return device != "cpu" and gpu_count() > 0
 
 
 def _trained(spec: IndexSpec, dim: int, sample: np.ndarray, n: int, use_gpu: bool = False):
-    """(spec with learned sizes, trained empty index, codec) for a learned kind."""
+    """(spec with learned sizes, trained empty backend) for a learned kind."""
     rng = np.random.default_rng(0)
     if len(sample) > TRAIN_SAMPLE:
         sample = sample[np.sort(rng.choice(len(sample), TRAIN_SAMPLE, replace=False))]
@@ -414,7 +323,7 @@ def _trained(spec: IndexSpec, dim: int, sample: np.ndarray, n: int, use_gpu: boo
             faiss.copy_array_to_vector(a.ravel(), codec.A)
             faiss.copy_array_to_vector(-(a @ sample.mean(axis=0)).astype(np.float32), codec.b)  # centre first
             codec.is_trained = True
-        return spec, faiss.IndexBinaryIDMap2(faiss.IndexBinaryFlat(bits)), codec
+        return spec, Binary(spec, dim, faiss.IndexBinaryIDMap2(faiss.IndexBinaryFlat(bits)), codec)
     nlist = params.get("nlist") or nlist_for(max(n, len(sample)))
     nlist = min(nlist, len(sample))
     if kind == "ivf":
@@ -437,22 +346,7 @@ def _trained(spec: IndexSpec, dim: int, sample: np.ndarray, n: int, use_gpu: boo
     index.train(sample)
     ivf.clustering_index = None
     ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # remove_ids by catalog id
-    return spec, index, None
-
-
-def _kind_of(index) -> str:
-    if isinstance(index, faiss.IndexBinary):
-        return "binary"
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
-    if isinstance(inner, faiss.IndexHNSW):
-        return "hnsw"
-    if isinstance(inner, faiss.IndexFlat):
-        return "flat"
-    try:
-        ivf = faiss.extract_index_ivf(index)
-    except RuntimeError:
-        return type(inner).__name__
-    return "ivfpq" if isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ) else "ivf"
+    return spec, backends.BY_KIND[kind](spec, dim, index)
 
 
 def exact_top_k(queries: np.ndarray, base: np.ndarray, base_ids: np.ndarray, k: int,
@@ -476,12 +370,6 @@ def exact_top_k(queries: np.ndarray, base: np.ndarray, base_ids: np.ndarray, k: 
     top_ids = np.full((len(queries), k), -1, dtype=np.int64)
     top_scores[:, :best_scores.shape[1]], top_ids[:, :best_ids.shape[1]] = best_scores, best_ids
     return top_scores, top_ids
-
-
-def _reader(data: np.ndarray):
-    reader = faiss.VectorIOReader()
-    faiss.copy_array_to_vector(np.ascontiguousarray(data, dtype=np.uint8), reader.data)
-    return reader
 
 
 def _fsync(path: Path) -> None:

@@ -102,9 +102,9 @@ def test_hnsw_rebuilds_its_graph_once_tombstones_pass_their_share(data):
     base, _, ids, _ = data
     store = build("hnsw", {"tombstones": 0.1}, base[:2000], ids[:2000])
     store.remove(ids[:150])
-    assert store.index.ntotal == 2000  # tombstoned, not yet rebuilt
+    assert store.backend.index.ntotal == 2000  # tombstoned, not yet rebuilt
     store.remove(ids[150:250])
-    assert store.index.ntotal == 1750 and len(store) == 1750
+    assert store.backend.index.ntotal == 1750 and len(store) == 1750
     assert not np.isin(store.search(base[:250], 10)[1], ids[:250]).any()
 
 
@@ -113,7 +113,7 @@ def test_binary_codes_are_searched_with_float_queries_and_the_codes_are_small(da
     for kind, bits in (("lsh", 128), ("itq", 64)):  # LSH may use more bits than dimensions
         store = build(kind, {"bits": bits}, base, ids)
         assert store.code_bytes() == bits // 8
-        assert store._codes(queries[:3]).shape == (3, bits // 8)
+        assert store.backend.codes(queries[:3]).shape == (3, bits // 8)
         _, found = store.search(queries[:3], 5)
         assert found.shape == (3, 5) and np.isin(found, ids).all()
     with pytest.raises(CrossmodalError, match="itq learns at most 64 bits"):

@@ -1,0 +1,339 @@
+"""One class per index kind behind one small interface: ``add``, ``remove``, ``search(queries, k,
+params, allowed)``, ``ids``, ``write``; with :mod:`indexer.vectors` the only modules that call faiss.
+
+``allowed`` is an :class:`Allowed` (a set of catalog ids, as faiss's bitmap selector) or None: a
+kind searches only those ids inside faiss, so a filtered query still fills its k results when k
+allowed vectors exist. Kinds with ``reranks`` return approximate scores for the caller to re-rank.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .errors import CrossmodalError
+from .spec import BINARY, IndexSpec
+
+
+def _floats(x) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _ids(x) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.int64)
+
+
+class Allowed:
+    """The ids a filtered search may return, as a bitmap over ids (catalog ids are small and dense).
+
+    Holds the bitmap and the selector together: faiss keeps a raw pointer to the bitmap.
+    """
+
+    def __init__(self, ids: np.ndarray):
+        self.ids = np.unique(_ids(ids))
+        self.ids = self.ids[self.ids >= 0]
+        size = int(self.ids[-1]) + 1 if len(self.ids) else 1
+        bits = np.zeros(size, dtype=bool)
+        bits[self.ids] = True
+        self._bitmap = np.packbits(bits, bitorder="little")
+        self.selector = faiss.IDSelectorBitmap(len(self._bitmap), faiss.swig_ptr(self._bitmap))  # n: bytes
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _params(cls=faiss.SearchParameters, allowed: Allowed | None = None, **values):
+    params = cls()
+    for name, value in values.items():
+        setattr(params, name, value)
+    if allowed is not None:
+        params.sel = allowed.selector
+    return params
+
+
+class Backend:
+    """A trained faiss index of one kind, holding vectors under catalog ids."""
+
+    reranks = False  # scores are approximate: the caller re-ranks a deeper candidate list exactly
+    kind = ""
+
+    def __init__(self, spec: IndexSpec, dim: int, index):
+        self.spec, self.dim, self.index = spec, dim, index
+        self._gpu = None  # a GPU copy for searching, dropped at every change
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        self._gpu = None
+        self.index.add_with_ids(_floats(vectors), _ids(ids))
+
+    def remove(self, ids: np.ndarray) -> int:
+        self._gpu = None
+        return int(self.index.remove_ids(_ids(ids)))
+
+    def ids(self) -> np.ndarray:
+        return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+
+    def code_bytes(self) -> int:
+        """Bytes each vector takes in the index structure (codes, not ids or graph links)."""
+        return self.dim * 4
+
+    def search(self, queries: np.ndarray, k: int, params: dict, allowed: Allowed | None = None,
+               use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def write(self, path: Path) -> None:
+        faiss.write_index(self.index, str(path))
+
+    def _on_gpu(self, use_gpu: bool):
+        """A GPU copy when asked for and faiss has a GPU; None (search on the CPU) otherwise."""
+        if not use_gpu or not gpu_count():
+            return None
+        if self._gpu is None:
+            try:
+                self._gpu = faiss.index_cpu_to_all_gpus(self.index)
+            except RuntimeError:  # a structure the GPU build cannot clone: stay on the CPU
+                self._gpu = False
+        return self._gpu or None
+
+
+class Flat(Backend):
+    kind = "flat"
+
+    @classmethod
+    def empty(cls, spec: IndexSpec, dim: int) -> Flat:
+        return cls(spec, dim, faiss.IndexIDMap2(faiss.IndexFlatIP(dim)))
+
+    def search(self, queries, k, params, allowed=None, use_gpu=False):
+        gpu = None if allowed is not None else self._on_gpu(use_gpu)  # selectors are a CPU feature
+        if gpu is not None:
+            return gpu.search(queries, k)
+        return self.index.search(queries, k, params=_params(allowed=allowed))
+
+
+class IVF(Backend):
+    """IVF-Flat; ids live in the inverted lists (a hashtable direct map lets ids be removed)."""
+
+    kind = "ivf"
+
+    def ivf(self):
+        return faiss.extract_index_ivf(self.index)
+
+    def ids(self) -> np.ndarray:
+        lists = self.ivf().invlists
+        held = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+                for i in range(lists.nlist) if lists.list_size(i)]
+        return np.concatenate(held).astype(np.int64) if held else np.zeros(0, dtype=np.int64)
+
+    def nlist(self) -> int:
+        return int(self.ivf().nlist)
+
+    def nprobe(self, params: dict, allowed: Allowed | None) -> int:
+        """Lists to probe: a filter admitting a share f of the vectors needs its k best from deeper in
+        the ranking (about k/f unfiltered ranks), so more lists are searched, by 1/sqrt(f)."""
+        nprobe = params["nprobe"]
+        if allowed is not None and len(self):
+            share = max(len(allowed) / len(self), 1e-6)
+            nprobe = int(np.ceil(nprobe / min(1.0, np.sqrt(share))))
+        return max(1, min(nprobe, self.nlist()))
+
+    def search(self, queries, k, params, allowed=None, use_gpu=False):
+        nprobe = self.nprobe(params, allowed)
+        gpu = None if allowed is not None else self._on_gpu(use_gpu)
+        if gpu is not None:
+            faiss.GpuParameterSpace().set_index_parameter(gpu, "nprobe", min(nprobe, 2048))
+            return gpu.search(queries, k)
+        return self.index.search(queries, k, params=_params(faiss.SearchParametersIVF, allowed, nprobe=nprobe))
+
+
+class IVFPQ(IVF):
+    kind = "ivfpq"
+    reranks = True
+
+    def code_bytes(self) -> int:
+        return int(self.ivf().code_size)
+
+    def search(self, queries, k, params, allowed=None, use_gpu=False):
+        # an OPQ index is an IndexPreTransform, which hands IVF parameters through to the IVF index
+        return self.index.search(queries, k, params=_params(faiss.SearchParametersIVF, allowed,
+                                                            nprobe=self.nprobe(params, allowed)))
+
+
+class HNSW(Backend):
+    """HNSW cannot delete: removed vectors become tombstones (positions) filtered out at search, and
+    the graph is rebuilt from its live vectors once they pass the spec's ``tombstones`` share."""
+
+    kind = "hnsw"
+
+    def __init__(self, spec: IndexSpec, dim: int, index, dead: np.ndarray | None = None):
+        super().__init__(spec, dim, index)
+        self.dead = np.zeros(index.ntotal, dtype=bool) if dead is None else dead
+        self._alive = None  # (the tombstone filter, what it points into), built at the first search
+
+    @classmethod
+    def empty(cls, spec: IndexSpec, dim: int) -> HNSW:
+        graph = faiss.IndexHNSWFlat(dim, spec.params["M"], faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efConstruction = spec.params["ef_construction"]
+        return cls(spec, dim, faiss.IndexIDMap2(graph))
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal - self.dead.sum())
+
+    def ids(self) -> np.ndarray:
+        return self._id_map()[~self.dead]
+
+    def _id_map(self) -> np.ndarray:
+        return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+
+    def add(self, ids, vectors) -> None:
+        self._alive = None
+        self.index.add_with_ids(_floats(vectors), _ids(ids))
+        self.dead = np.concatenate([self.dead, np.zeros(len(ids), dtype=bool)])
+
+    def remove(self, ids) -> int:
+        self._alive = None
+        hit = np.isin(self._id_map(), _ids(ids)) & ~self.dead
+        self.dead |= hit
+        if self.dead.sum() > self.spec.params["tombstones"] * len(self.dead):
+            self._compact()
+        return int(hit.sum())
+
+    def keep_last_copies(self) -> None:
+        """An id written twice (removed, then added again) lives at its last position only."""
+        id_map = self._id_map()
+        last = np.zeros(len(id_map), dtype=bool)
+        last[len(id_map) - 1 - np.unique(id_map[::-1], return_index=True)[1]] = True
+        self.dead |= ~last
+        self._alive = None
+
+    def _compact(self) -> None:
+        inner = faiss.downcast_index(self.index.index)
+        live = np.flatnonzero(~self.dead)
+        vectors, ids = inner.storage.reconstruct_n(0, inner.ntotal)[live], self._id_map()[live]
+        fresh = HNSW.empty(self.spec, self.dim)
+        self.index, self.dead = fresh.index, fresh.dead
+        self.add(ids, vectors)
+
+    def search(self, queries, k, params, allowed=None, use_gpu=False):
+        if self._alive is None:
+            alive = None
+            if self.dead.any():
+                bitmap = np.packbits(self.dead, bitorder="little")
+                dead = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
+                alive = (faiss.IDSelectorNot(dead), dead, bitmap)
+            self._alive = (self._id_map(), alive)
+        id_map, alive = self._alive
+        parts: list = []  # every selector in a chain, kept alive while faiss points at them
+        selector = alive[0] if alive is not None else None
+        if allowed is not None:  # the graph works in positions; the filter is in ids
+            parts = [faiss.IDSelectorTranslated(self.index.id_map, allowed.selector), allowed]
+            selector = parts[0] if selector is None else faiss.IDSelectorAnd(selector, parts[0])
+        settings = faiss.SearchParametersHNSW()
+        settings.efSearch = max(self.ef_search(params, allowed), k)
+        if selector is not None:
+            settings.sel = selector
+        scores, positions = faiss.downcast_index(self.index.index).search(queries, k, params=settings)
+        del parts
+        return scores, np.where(positions >= 0, id_map[np.maximum(positions, 0)], -1)
+
+    def ef_search(self, params: dict, allowed: Allowed | None) -> int:
+        """A filter leaves fewer admitted nodes on each path: widen the beam by 1/sqrt(share)."""
+        ef = params["ef_search"]
+        if allowed is not None and len(self):
+            ef = int(np.ceil(ef / min(1.0, np.sqrt(max(len(allowed) / len(self), 1e-6)))))
+        return ef
+
+
+class Binary(Backend):
+    """``bits``-bit codes from a float transform (``codec``), searched by Hamming distance."""
+
+    reranks = True
+
+    def __init__(self, spec: IndexSpec, dim: int, index, codec):
+        super().__init__(spec, dim, index)
+        self.codec = codec
+        self.kind = spec.kind
+
+    def code_bytes(self) -> int:
+        return self.spec.params["bits"] // 8
+
+    def codes(self, vectors: np.ndarray) -> np.ndarray:
+        return np.packbits(self.codec.apply(_floats(vectors)) > 0, axis=1)
+
+    def add(self, ids, vectors) -> None:
+        self.index.add_with_ids(self.codes(vectors), _ids(ids))
+
+    def search(self, queries, k, params, allowed=None, use_gpu=False):
+        distances, found = self.index.search(self.codes(queries), k, params=_params(allowed=allowed))
+        return np.cos(np.pi * distances / params["bits"]).astype(np.float32), found  # SimHash's cosine estimate
+
+    def write(self, path: Path) -> None:
+        writer = faiss.VectorIOWriter()
+        faiss.write_VectorTransform(self.codec, writer)
+        buffer = io.BytesIO()
+        np.savez(buffer, codec=faiss.vector_to_array(writer.data), index=faiss.serialize_index_binary(self.index))
+        Path(path).write_bytes(buffer.getvalue())
+
+    @classmethod
+    def read(cls, path: Path, spec: IndexSpec, dim: int) -> Binary:
+        with np.load(path) as parts:
+            reader = faiss.VectorIOReader()
+            faiss.copy_array_to_vector(np.ascontiguousarray(parts["codec"], dtype=np.uint8), reader.data)
+            codec = faiss.read_VectorTransform(reader)
+            index = faiss.deserialize_index_binary(parts["index"])
+        return cls(spec, dim, index, codec)
+
+
+BY_KIND: dict[str, type[Backend]] = {"flat": Flat, "ivf": IVF, "ivfpq": IVFPQ, "hnsw": HNSW}
+
+
+def empty(spec: IndexSpec, dim: int) -> Backend:
+    """An empty index of a kind that needs no training."""
+    if spec.kind not in ("flat", "hnsw"):
+        raise CrossmodalError(f"internal: a {spec.kind} index is made by training")
+    return BY_KIND[spec.kind].empty(spec, dim)
+
+
+def read(path: Path, spec: IndexSpec, dim: int) -> Backend:
+    """The index in ``path``, wrapped for ``spec``'s kind; a file of another kind is :class:`WrongKind`."""
+    if spec.kind in BINARY:
+        backend = Binary.read(path, spec, dim)
+        found, size = "binary", backend.index.d
+    else:
+        index = faiss.read_index(str(path))
+        found, size = kind_of(index), index.d
+        backend = BY_KIND[found](spec, dim, index) if found in BY_KIND else None
+    expected = "binary" if spec.kind in BINARY else spec.kind
+    if found != expected or size != (spec.params.get("bits") if spec.kind in BINARY else dim):
+        raise WrongKind(found)
+    return backend
+
+
+class WrongKind(CrossmodalError):
+    def __init__(self, found: str):
+        super().__init__(found)
+        self.found = found
+
+
+def kind_of(index) -> str:
+    if isinstance(index, faiss.IndexBinary):
+        return "binary"
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    if isinstance(inner, faiss.IndexHNSW):
+        return "hnsw"
+    if isinstance(inner, faiss.IndexFlat):
+        return "flat"
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return type(inner).__name__
+    return "ivfpq" if isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ) else "ivf"
+
+
+def gpu_count() -> int:
+    """GPUs faiss can use: 0 with faiss-cpu (the GPU build is ``pip install 'crossmodal-search[gpu]'``)."""
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
