@@ -37,6 +37,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
 
 from .errors import CatalogDamaged, SchemaError
+from .photometa import META_VERSION, PhotoMeta
 
 IMAGE, CAPTION, TEXT = "image", "caption", "text"
 TEXT_KINDS = (CAPTION, TEXT)
@@ -122,6 +123,19 @@ MIGRATIONS: tuple[str, ...] = (
                                                                   ELSE new.text END WHERE new.error IS NULL;
     END;
     """,
+    # v5: photo metadata from each image's header (indexer.photometa), for filters; meta_version NULL:
+    # never read (rows indexed before v5 are read by the next index run without being encoded again).
+    """
+    ALTER TABLE items ADD COLUMN format TEXT;
+    ALTER TABLE items ADD COLUMN taken_at TEXT;
+    ALTER TABLE items ADD COLUMN camera_make TEXT;
+    ALTER TABLE items ADD COLUMN camera_model TEXT;
+    ALTER TABLE items ADD COLUMN orientation INTEGER;
+    ALTER TABLE items ADD COLUMN gps_lat REAL;
+    ALTER TABLE items ADD COLUMN gps_lon REAL;
+    ALTER TABLE items ADD COLUMN meta_version INTEGER;
+    CREATE INDEX ix_items_taken_at ON items (taken_at);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -181,6 +195,14 @@ class ItemRow(Base):
     updated_at: Mapped[str]
     skip_info: Mapped[str | None]  # JSON: the settings and versions a skip depended on
     warnings: Mapped[str | None]  # what the image libraries said while decoding, one per line
+    format: Mapped[str | None]  # the rest: indexer.photometa.PhotoMeta's fields, as read from the header
+    taken_at: Mapped[str | None]  # ISO 'YYYY-MM-DDTHH:MM:SS', the camera's local time
+    camera_make: Mapped[str | None]
+    camera_model: Mapped[str | None]
+    orientation: Mapped[int | None]
+    gps_lat: Mapped[float | None]
+    gps_lon: Mapped[float | None]
+    meta_version: Mapped[int | None]  # photometa.META_VERSION that read them; NULL: never read
 
 
 class VectorRow(Base):
@@ -232,6 +254,7 @@ class ImageState:
     sha256: str | None
     error: str | None
     skip_info: str | None = None
+    meta_version: int | None = None  # below photometa.META_VERSION (or None): its metadata is to be read
 
 
 @dataclass(frozen=True)
@@ -258,6 +281,7 @@ class ImageWrite:
     id: int | None = None
     skip_info: str | None = None  # JSON, with ``error``: what the skip depended on
     warnings: str | None = None
+    meta: PhotoMeta | None = None  # the header's metadata (None: not read, e.g. a failed decode)
 
 
 @dataclass
@@ -288,6 +312,21 @@ class ItemView:
     root: str | None = None  # the indexed folder ``path`` is under (None for an image named by URL)
     size: int | None = None  # bytes and mtime of an image's file when it was indexed
     mtime_ns: int | None = None
+    format: str | None = None  # an image's header metadata (indexer.photometa.PhotoMeta)
+    taken_at: str | None = None
+    camera_make: str | None = None
+    camera_model: str | None = None
+    orientation: int | None = None
+    gps_lat: float | None = None
+    gps_lon: float | None = None
+
+
+def _meta_values(meta: PhotoMeta | None) -> dict:
+    """The items columns of ``meta``; None clears them and marks them never read."""
+    read = meta or PhotoMeta()
+    return dict(format=read.format, taken_at=read.taken_at, camera_make=read.camera_make,
+                camera_model=read.camera_model, orientation=read.orientation, gps_lat=read.gps_lat,
+                gps_lon=read.gps_lon, meta_version=None if meta is None else META_VERSION)
 
 
 def utc_now() -> str:
@@ -447,7 +486,7 @@ class Catalog:
     # -- images -------------------------------------------------------------------------------
     def image_states(self, root_id: int) -> dict[str, ImageState]:
         q = select(ItemRow.id, ItemRow.path, ItemRow.size, ItemRow.mtime_ns, ItemRow.sha256, ItemRow.error,
-                   ItemRow.skip_info).where(
+                   ItemRow.skip_info, ItemRow.meta_version).where(
             ItemRow.kind == IMAGE, ItemRow.root_id == root_id
         )
         with Session(self.engine) as s:
@@ -461,7 +500,7 @@ class Catalog:
             for w in writes:
                 values = dict(kind=IMAGE, root_id=root_id, path=w.rel, size=w.size, mtime_ns=w.mtime_ns,
                               sha256=w.sha256, width=w.width, height=w.height, error=w.error, updated_at=now,
-                              skip_info=w.skip_info, warnings=w.warnings)
+                              skip_info=w.skip_info, warnings=w.warnings, **_meta_values(w.meta))
                 if w.id is None:
                     item_id = s.scalar(insert(ItemRow).values(**values).returning(ItemRow.id))
                 else:
@@ -480,6 +519,16 @@ class Catalog:
             for item_id, rel, size, mtime_ns in changes:
                 s.execute(update(ItemRow).where(ItemRow.id == item_id)
                           .values(path=rel, size=size, mtime_ns=mtime_ns, updated_at=now))
+
+    def update_image_meta(self, pairs: Iterable[tuple[int, PhotoMeta]]) -> int:
+        """Record the header metadata of images already indexed (no other column changes); returns the rows
+        updated. A PhotoMeta with nothing in it still marks its row read, so it is not read every run."""
+        rows = [{"id": int(item_id), **_meta_values(meta)} for item_id, meta in pairs]
+        if not rows:
+            return 0
+        with Session(self.engine) as s, s.begin():
+            s.execute(update(ItemRow), rows)  # executemany, by primary key
+        return len(rows)
 
     def delete_items(self, ids: Sequence[int]) -> list[int]:
         """Delete items, the captions linked to them, and their vectors; returns every deleted id."""
@@ -563,7 +612,8 @@ class Catalog:
         with self.engine.connect() as conn:
             for chunk in _chunks([int(i) for i in ids]):
                 for r in conn.execute(_items_query(), {"ids": list(chunk)}).all():
-                    item_id, kind, root, rel, img_root, img_rel, txt, image_id, origin, w, h, err, warn, size, mtime = r
+                    (item_id, kind, root, rel, img_root, img_rel, txt, image_id, origin, w, h, err, warn, size, mtime,
+                     *photo) = r
                     path = folder = None
                     if rel is not None and root is not None:
                         path, folder = _absolute(root, rel), root
@@ -572,7 +622,7 @@ class Catalog:
                     if path is not None and "://" in path:
                         folder = None
                     views[item_id] = ItemView(item_id, kind, path, txt, image_id, origin, w, h, err, warn, folder,
-                                              size, mtime)
+                                              size, mtime, *photo)
         return views
 
     def captions_of(self, image_ids: Sequence[int]) -> dict[int, list[tuple[int, str]]]:
@@ -629,7 +679,8 @@ def _items_query():
     return (
         select(ItemRow.id, ItemRow.kind, own_root.path, ItemRow.path, image_root.path, image.path,
                ItemRow.text, ItemRow.image_id, ItemRow.origin, ItemRow.width, ItemRow.height, ItemRow.error,
-               ItemRow.warnings, ItemRow.size, ItemRow.mtime_ns)
+               ItemRow.warnings, ItemRow.size, ItemRow.mtime_ns, ItemRow.format, ItemRow.taken_at,
+               ItemRow.camera_make, ItemRow.camera_model, ItemRow.orientation, ItemRow.gps_lat, ItemRow.gps_lon)
         .outerjoin(own_root, own_root.id == ItemRow.root_id)
         .outerjoin(image, image.id == ItemRow.image_id)
         .outerjoin(image_root, image_root.id == image.root_id)

@@ -27,6 +27,7 @@ from .imageio import (
     read_regular_file,
     stable_message,
 )
+from .photometa import PhotoMeta
 from .skips import NOT_REGULAR, TOO_LARGE, UNDECODABLE, UNREADABLE, VANISHED
 
 # The draft keeps the shorter side at least DRAFT_FACTOR times the model's input, so the final
@@ -51,6 +52,7 @@ class Decoded:
     error: str | None = None
     cause: str | None = None  # with error, one of indexer.skips' causes: decides when the file is retried
     warnings: list[str] = field(default_factory=list)  # what the image libraries said about this file
+    meta: PhotoMeta | None = None  # the header's metadata, read by open_image on the way (decoded files only)
 
 
 @dataclass
@@ -88,6 +90,7 @@ def _decode_file(task: DecodeTask, preprocess: Callable, draft_size: int | None,
     try:
         image = open_image(io.BytesIO(data), draft_size, max_megapixels, name=task.path.name)
         width, height = image.info["source_size"]
+        meta = image.info.get("photo_meta")
         pixels = preprocess(image)
     except TooLarge as exc:
         return Decoded(task.key, sha256=digest, error=f"image too large: {exc.width}x{exc.height} is "
@@ -98,4 +101,4 @@ def _decode_file(task: DecodeTask, preprocess: Callable, draft_size: int | None,
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, bombs...)
         return Decoded(task.key, sha256=digest, error=f"cannot decode image: {stable_message(exc)}",
                        cause=UNDECODABLE)
-    return Decoded(task.key, sha256=digest, width=width, height=height, pixels=pixels)
+    return Decoded(task.key, sha256=digest, width=width, height=height, pixels=pixels, meta=meta)

@@ -21,9 +21,12 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .photometa import meta_after_decode, photo_meta
 
 DEFAULT_MAX_MEGAPIXELS = 100.0  # 300 MB as RGB: a few decoders at once stay far from exhausting memory
 MAX_WARNINGS = 20  # lines kept per file; a broken file can make a library repeat itself thousands of times
@@ -91,6 +94,11 @@ def read_regular_file(path: Path) -> bytes:
     The file is opened non-blocking and checked on the open descriptor, so a FIFO swapped in after a
     check cannot hang the read. Raises :class:`NotARegularFile`, or the ``OSError`` of the open or the read.
     """
+    with _open_regular(path) as handle:
+        return handle.read()
+
+
+def _open_regular(path: Path) -> BinaryIO:
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags)
@@ -98,11 +106,15 @@ def read_regular_file(path: Path) -> bytes:
         if exc.errno == errno.ENXIO:  # what opening a Unix socket gives
             raise NotARegularFile(Path(path), _kind_of(os.stat(path).st_mode)) from None
         raise
-    with os.fdopen(fd, "rb") as handle:
+    handle = os.fdopen(fd, "rb")
+    try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             raise NotARegularFile(Path(path), _kind_of(mode))
-        return handle.read()
+    except BaseException:
+        handle.close()
+        raise
+    return handle
 
 
 def _kind_of(mode: int) -> str:
@@ -117,8 +129,10 @@ def open_image(source: str | os.PathLike | io.BytesIO, draft_size: int | None = 
 
     With ``draft_size``, JPEGs are decoded at the smallest DCT scale whose shorter side is still at
     least ``draft_size`` pixels. Returns the image; its ``info["source_size"]`` holds the original
-    (width, height) after orientation. Images over ``max_megapixels`` are refused from their header,
-    before any pixel is decoded, with :class:`TooLarge` (None: no bound but Pillow's own bomb check).
+    (width, height) after orientation, ``info["photo_meta"]`` the file's header metadata
+    (:class:`indexer.photometa.PhotoMeta`, read on the way: no second read or decode). Images over
+    ``max_megapixels`` are refused from their header, before any pixel is decoded, with
+    :class:`TooLarge` (None: no bound but Pillow's own bomb check).
     Single-channel images deeper than 8 bits are scaled by their own range. ``name`` (the file's name,
     for messages) defaults to the path's. Raises :class:`NotAnImage` for contents no reader knows.
     """
@@ -126,22 +140,44 @@ def open_image(source: str | os.PathLike | io.BytesIO, draft_size: int | None = 
         name = name or os.path.basename(source)
         source = io.BytesIO(read_regular_file(Path(source)))
     with _STATE:
-        image = _identify(source, name, max_megapixels)
+        # With our own bound, Pillow's (~89 MP warning, ~179 MP error, raised inside Image.open) must not
+        # speak first: the header is read with it off and checked against ours here.
+        image = _identify(source, name, None if max_megapixels is not None else Image.MAX_IMAGE_PIXELS)
         width, height = image.size
         if max_megapixels is not None and width * height > max_megapixels * 1e6:
             raise TooLarge(width, height, max_megapixels)
+        # The header's metadata, before decoding (TIFF's decoder turns the image upright and drops the
+        # orientation), or after it where part may follow the pixels (a PNG's eXIf chunk).
+        meta = None if meta_after_decode(image) else photo_meta(image)
         if draft_size:
             # Only the JPEG (and MPO) decoder acts on draft(); it scales by 1/2..1/8 and never below the box.
             image.draft("RGB", (draft_size, draft_size))
         try:
             with _pillow_bound(max_megapixels):
+                if meta is None:
+                    image.load()  # what exif_transpose does first
+                    meta = photo_meta(image)
                 image = to_rgb(ImageOps.exif_transpose(image))
         except Image.DecompressionBombError:  # a frame or tile larger than the header said (GIF, TIFF)
             if max_megapixels is None:
                 raise
             raise TooLarge(*image.size, max_megapixels) from None
     image.info["source_size"] = _as_shown((width, height), image.size)
+    image.info["photo_meta"] = meta
     return image
+
+
+@contextmanager
+def open_header(path: str | os.PathLike) -> Iterator[Image.Image]:
+    """``path`` opened for its header alone (format, size, EXIF); its pixels are never decoded, so no
+    pixel bound applies. Refuses what is not a regular file, as :func:`read_regular_file` does; raises
+    :class:`NotAnImage` for contents no reader knows, and the ``OSError`` of the open."""
+    path = Path(path)
+    with _open_regular(path) as handle:
+        with _STATE:
+            image = _identify(handle, path.name, None)
+        with image:
+            yield image
 
 
 def _as_shown(header: tuple[int, int], shown: tuple[int, int]) -> tuple[int, int]:
@@ -152,10 +188,8 @@ def _as_shown(header: tuple[int, int], shown: tuple[int, int]) -> tuple[int, int
     return (height, width) if (width - height) * (shown_width - shown_height) < 0 else (width, height)
 
 
-def _identify(source: io.BytesIO, name: str | None, max_megapixels: float | None) -> Image.Image:
-    # With our own bound, Pillow's (~89 MP warning, ~179 MP error, raised inside Image.open) must not
-    # speak first: the header is read with it off and checked against ours by the caller.
-    bound = None if max_megapixels is not None else Image.MAX_IMAGE_PIXELS
+def _identify(source: BinaryIO, name: str | None, bound: int | None) -> Image.Image:
+    # Image.open under Pillow's pixel limit ``bound`` (None: off); HEIF is registered when a file needs it.
     with _pillow_limit(bound):
         try:
             return Image.open(source)

@@ -31,6 +31,7 @@ from .decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_MEGAPIXELS, Decoded, Dec
 from .decoders import iter_decoded
 from .encoder import Encoder, sha256_file
 from .errors import Interrupted, SourceError
+from .photometa import META_VERSION, read_photo_meta
 from .plan import EncodeJob, ImagePlan, plan_images, plan_texts
 from .skips import NOT_REGULAR, VANISHED, RetrySettings, skip_info
 from .sources import (
@@ -48,6 +49,8 @@ from .sources import (
 from .spec import IndexSpec, TooFewVectors
 from .store import IndexStore
 from .vectors import VectorStore, gpu_wanted
+
+METADATA_BATCH = 500  # images whose metadata is read per catalog transaction (and between Ctrl-C checks)
 
 
 def default_workers() -> int:
@@ -93,6 +96,7 @@ class IndexSummary:
     texts_unchanged: int = 0
     encoded_images: int = 0
     encoded_texts: int = 0
+    metadata_filled: int = 0  # kept images whose photo metadata was read this run (indexed before it was recorded)
     seconds: float = 0.0
     images_per_second: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
@@ -226,6 +230,8 @@ def update_index(root: Path, index_dir: Path, encoder: Encoder, options: IndexOp
                         raise
                 _apply_plan_without_encoding(run, root_id, plan)
             _encode_images(run, root_id, plan.encode)
+            with run.timer.stage("metadata"):
+                _fill_metadata(run, files, known, plan)
             with run.timer.stage("texts"):
                 sidecars = [r for f in files for r in sidecar_captions(f, problems)] if options.sidecars else []
                 records = sidecars + extra_records
@@ -327,7 +333,7 @@ def _encode_images(run: _Run, root_id: int, jobs: list[EncodeJob]) -> None:
                 job = jobs[item.key]
                 writes.append(ImageWrite(job.file.rel, job.file.size, job.file.mtime_ns, item.sha256,
                                          item.width, item.height, vector=vector, id=job.item_id,
-                                         warnings=_warnings(run, job, item)))
+                                         warnings=_warnings(run, job, item), meta=item.meta))
                 if job.item_id is None:
                     summary.added += 1
                 else:
@@ -344,6 +350,31 @@ def _encode_images(run: _Run, root_id: int, jobs: list[EncodeJob]) -> None:
             run.check_stop()
     finally:
         bar.close()
+
+
+def _fill_metadata(run: _Run, files: list[ImageFile], known: dict[str, ImageState], plan: ImagePlan) -> None:
+    """Read the photo metadata of the images the plan keeps that have none yet (indexed before it was
+    recorded, or by an older photometa), from their headers: nothing is decoded or encoded again."""
+    paths = {f.rel: f.path for f in files}
+    states = {state.id: state for state in known.values()}
+    todo = [(state.id, paths[state.rel]) for state in plan.unchanged if _meta_stale(state)]
+    todo += [(item_id, f.path) for item_id, f in plan.restat + plan.moved if _meta_stale(states[item_id])]
+    if not todo:
+        return
+    bar = tqdm(total=len(todo), unit="img", desc="metadata", disable=not run.options.progress)
+    try:
+        for start in range(0, len(todo), METADATA_BATCH):
+            chunk = todo[start : start + METADATA_BATCH]
+            run.summary.metadata_filled += run.store.catalog.update_image_meta(
+                (item_id, read_photo_meta(path)) for item_id, path in chunk)
+            bar.update(len(chunk))
+            run.check_stop()
+    finally:
+        bar.close()
+
+
+def _meta_stale(state: ImageState) -> bool:
+    return state.meta_version is None or state.meta_version < META_VERSION
 
 
 def _warnings(run: _Run, job: EncodeJob, item: Decoded) -> str | None:

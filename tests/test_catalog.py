@@ -139,3 +139,54 @@ def test_captions_of_images_are_looked_up_by_image_not_by_walking_every_caption(
     with catalog.engine.connect() as conn:
         plan = " ".join(str(row[-1]) for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, tuple(params)))
     assert "ix_items_image_id" in plan, plan
+
+
+def test_photo_metadata_is_stored_with_the_image_and_filled_in_later(catalog):
+    from indexer.photometa import META_VERSION, PhotoMeta
+
+    meta = PhotoMeta("JPEG", "2021-07-14T18:03:51", "Canon", "EOS 5D", 6, -33.85, 151.2)
+    root = catalog.root_id("/photos")
+    a, b, c = catalog.write_images(root, [
+        ImageWrite("a.jpg", 10, 1, "ha", 4, 3, vector=unit(1), meta=meta),
+        ImageWrite("b.png", 10, 1, "hb", 4, 3, vector=unit(2)),  # written before metadata was recorded
+        ImageWrite("c.jpg", 0, 1, None, error="cannot decode image"),
+    ])
+    views = catalog.items([a, b, c])
+    assert (views[a].format, views[a].taken_at, views[a].camera_make, views[a].camera_model, views[a].orientation,
+            views[a].gps_lat, views[a].gps_lon) == ("JPEG", "2021-07-14T18:03:51", "Canon", "EOS 5D", 6, -33.85, 151.2)
+    assert views[b].format is None and views[b].taken_at is None and views[c].gps_lat is None
+    states = catalog.image_states(root)
+    assert [states[n].meta_version for n in ("a.jpg", "b.png", "c.jpg")] == [META_VERSION, None, None]
+    with catalog.engine.connect() as conn:
+        before = conn.exec_driver_sql(f"SELECT sha256, width, updated_at FROM items WHERE id = {b}").one()
+    assert catalog.update_image_meta([(b, PhotoMeta(format="PNG")), (c, PhotoMeta())]) == 2
+    assert catalog.update_image_meta([]) == 0
+    states = catalog.image_states(root)
+    assert states["b.png"].meta_version == states["c.jpg"].meta_version == META_VERSION  # read, even if empty
+    assert catalog.items([b])[b].format == "PNG" and catalog.items([c])[c].format is None
+    with catalog.engine.connect() as conn:
+        assert conn.exec_driver_sql(f"SELECT sha256, width, updated_at FROM items WHERE id = {b}").one() == before
+    # Overwritten by a failed decode: its metadata is gone with its vector.
+    catalog.write_images(root, [ImageWrite("a.jpg", 11, 2, "ha2", error="cannot decode image", id=a)])
+    assert catalog.items([a])[a].camera_make is None and catalog.image_states(root)["a.jpg"].meta_version is None
+
+
+def test_version_4_index_gains_the_photo_columns_unread(tmp_path):
+    from indexer.catalog import MIGRATIONS
+
+    con = sqlite3.connect(tmp_path / "c.sqlite")
+    con.executescript("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL);"
+                      + "; ".join(MIGRATIONS[:4]) + "; INSERT INTO schema_version VALUES (4, 'then');"
+                      "INSERT INTO roots (path) VALUES ('/photos');"
+                      "INSERT INTO items (kind, root_id, path, size, mtime_ns, sha256, updated_at) "
+                      "VALUES ('image', 1, 'a.jpg', 1, 1, 'h', 'then');")
+    con.close()
+    cat = Catalog(tmp_path / "c.sqlite")
+    assert cat.schema_version() == SCHEMA_VERSION
+    assert cat.image_states(cat.root_id("/photos"))["a.jpg"].meta_version is None
+    with cat.engine.connect() as conn:
+        indexes = {row[1] for row in conn.exec_driver_sql("PRAGMA index_list(items)")}
+        plan = " ".join(str(row[-1]) for row in conn.exec_driver_sql(
+            "EXPLAIN QUERY PLAN SELECT id FROM items WHERE taken_at >= '2021-01-01'"))
+    assert "ix_items_taken_at" in indexes and "ix_items_taken_at" in plan
+    cat.close()

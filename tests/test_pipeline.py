@@ -338,3 +338,117 @@ def test_a_folder_the_indexer_may_not_read_keeps_its_images_and_captions(tmp_pat
         in summary["problems"]
     with IndexStore.open(tmp_path / "idx") as store:
         assert (store.catalog.counts()["image"], store.catalog.counts()["caption"]) == (3, 1)
+
+
+# -- photo metadata (indexer.photometa) ----------------------------------------------------------
+PHOTO_COLUMNS = "format, taken_at, camera_make, camera_model, orientation, gps_lat, gps_lon, meta_version"
+
+
+def photo_corpus(root):
+    """Four camera JPEGs (two with GPS, one turned) and a PNG without EXIF."""
+    from indexer.synth import stamp_photo_meta
+
+    stamp_photo_meta(make_image(root / "a.jpg", seed=1, fmt="JPEG"), taken_at="2021-07-14T18:03:51", make="Canon",
+                     model="EOS 5D", gps=(-33.8568, 151.2153), orientation=6)
+    stamp_photo_meta(make_image(root / "b.jpg", seed=2, fmt="JPEG"), taken_at="2019-01-02T03:04:05", make="Apple",
+                     model="iPhone 8", gps=(48.8584, 2.2945))
+    stamp_photo_meta(make_image(root / "c.jpg", seed=3, fmt="JPEG"), make="Sony", taken_at="0000:00:00 00:00:00")
+    stamp_photo_meta(make_image(root / "d.jpg", seed=4, fmt="JPEG"), model="DSC-RX100")
+    make_image(root / "e.png", seed=5)
+    return root
+
+
+def photo_rows(index):
+    import sqlite3
+
+    con = sqlite3.connect(index / "catalog.sqlite")
+    try:
+        rows = con.execute(f"SELECT path, {PHOTO_COLUMNS} FROM items WHERE kind = 'image'")
+        return {rel: rest for rel, *rest in rows}
+    finally:
+        con.close()
+
+
+def forget_photo_meta(index):
+    """Null the metadata columns, as an index built before schema v5 has them once migrated."""
+    import sqlite3
+
+    con = sqlite3.connect(index / "catalog.sqlite")
+    con.execute("UPDATE items SET " + ", ".join(f"{c} = NULL" for c in PHOTO_COLUMNS.split(", ")))
+    con.commit()
+    con.close()
+
+
+def test_photo_metadata_is_recorded_while_indexing(tmp_path, fake_encoder):
+    root = photo_corpus(tmp_path / "photos")
+    s = run(root, tmp_path / "idx", fake_encoder)
+    assert (s.added, s.metadata_filled) == (5, 0)
+    assert photo_rows(tmp_path / "idx") == {
+        "a.jpg": ["JPEG", "2021-07-14T18:03:51", "Canon", "EOS 5D", 6, -33.8568, 151.2153, 1],
+        "b.jpg": ["JPEG", "2019-01-02T03:04:05", "Apple", "iPhone 8", None, 48.8584, 2.2945, 1],
+        "c.jpg": ["JPEG", None, "Sony", None, None, None, None, 1],
+        "d.jpg": ["JPEG", None, None, "DSC-RX100", None, None, None, 1],
+        "e.png": ["PNG", None, None, None, None, None, None, 1],
+    }
+    with IndexStore.open(tmp_path / "idx") as store:
+        views = {v.path.rsplit("/", 1)[1]: v for v in store.catalog.images()}
+    assert (views["a.jpg"].width, views["a.jpg"].height, views["a.jpg"].camera_make) == (30, 40, "Canon")
+
+
+def test_an_index_from_before_photo_metadata_is_filled_in_without_encoding(tmp_path, fake_encoder):
+    root, index = photo_corpus(tmp_path / "photos"), tmp_path / "idx"
+    run(root, index, fake_encoder)
+    recorded = photo_rows(index)
+    forget_photo_meta(index)
+    (root / "sub").mkdir()
+    shutil.move(root / "b.jpg", root / "sub" / "b.jpg")  # moved and touched files are kept: filled in too
+    os.utime(root / "c.jpg", ns=(1, 1))
+    enc = FakeEncoder()
+    s = run(root, index, enc)
+    assert (s.added, s.updated, s.moved, s.unchanged, s.encoded_images, enc.images_encoded) == (0, 0, 1, 4, 0, 0)
+    assert s.metadata_filled == 5 and "metadata" in s.stages
+    recorded["sub/b.jpg"] = recorded.pop("b.jpg")
+    assert photo_rows(index) == recorded
+    s = run(root, index, FakeEncoder())
+    assert s.metadata_filled == 0
+    consistent(index)
+
+
+def test_a_kept_file_whose_header_is_unreadable_is_read_once_and_the_run_goes_on(tmp_path, fake_encoder):
+    root, index = photo_corpus(tmp_path / "photos"), tmp_path / "idx"
+    run(root, index, fake_encoder)
+    forget_photo_meta(index)
+    stat = (root / "a.jpg").stat()  # garbage now, but the same size and mtime: the plan keeps it unchanged
+    (root / "a.jpg").write_bytes(b"\0" * stat.st_size)
+    os.utime(root / "a.jpg", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    s = run(root, index, FakeEncoder())
+    assert (s.unchanged, s.metadata_filled) == (5, 5)
+    assert photo_rows(index)["a.jpg"] == [None] * 7 + [1]
+    assert run(root, index, FakeEncoder()).metadata_filled == 0  # not read again every run
+
+
+def test_filling_in_metadata_stops_between_batches_on_ctrl_c(tmp_path, fake_encoder, monkeypatch):
+    import signal
+
+    import indexer.pipeline
+    from indexer.errors import Interrupted
+
+    root, index = photo_corpus(tmp_path / "photos"), tmp_path / "idx"
+    run(root, index, fake_encoder)
+    forget_photo_meta(index)
+    read = indexer.pipeline.read_photo_meta
+    calls = []
+
+    def read_then_interrupt(path):
+        calls.append(path)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: stop once the batch in hand is committed
+        return read(path)
+
+    monkeypatch.setattr(indexer.pipeline, "METADATA_BATCH", 2)
+    monkeypatch.setattr(indexer.pipeline, "read_photo_meta", read_then_interrupt)
+    with pytest.raises(Interrupted):
+        run(root, index, FakeEncoder())
+    assert len(calls) == 2 and sum(row[-1] is not None for row in photo_rows(index).values()) == 2
+    monkeypatch.setattr(indexer.pipeline, "read_photo_meta", read)
+    assert run(root, index, FakeEncoder()).metadata_filled == 3
