@@ -12,6 +12,7 @@ import re
 from sqlalchemy import text
 
 from .catalog import Catalog
+from .filters import Filters, filter_sql
 
 # Words that match nearly every caption: left out of a keyword query unless quoted, so "a dog on a
 # beach" ranks by dog and beach, and the match does not walk every row.
@@ -21,17 +22,20 @@ _PHRASE = re.compile(r'"([^"]*)"|(\S+)')
 # The match is materialised first: bm25() cannot be called inside an aggregate or a flattened join.
 _MATCH = ("WITH m AS MATERIALIZED (SELECT rowid AS id, bm25(item_words) AS r FROM item_words "
           "WHERE item_words MATCH :query)")
-_TO_IMAGE = text(_MATCH + """
+_TO_IMAGE = _MATCH + """
     SELECT CASE WHEN i.kind = 'image' THEN i.id ELSE i.image_id END AS target, MIN(m.r) AS rank
     FROM m JOIN items AS i ON i.id = m.id
-    WHERE i.kind = 'image' OR i.image_id IS NOT NULL
+    WHERE (i.kind = 'image' OR i.image_id IS NOT NULL) {filtered}
     GROUP BY target ORDER BY rank, target LIMIT :limit
-""")
-_TO_TEXT = text(_MATCH + """
+"""
+_TO_TEXT = _MATCH + """
     SELECT i.id, m.r AS rank FROM m JOIN items AS i ON i.id = m.id
-    WHERE i.kind IN ('caption', 'text')
+    WHERE i.kind IN ('caption', 'text') {filtered}
     ORDER BY rank, i.id LIMIT :limit
-""")
+"""
+# The images a filter admits (indexer.filters), for the target image of a match.
+_ADMITTED = ("AND (CASE WHEN i.kind = 'image' THEN i.id ELSE i.image_id END) IN (SELECT f.id FROM items AS f "
+             "JOIN roots AS fr ON fr.id = f.root_id WHERE f.kind = 'image' AND f.error IS NULL AND {condition})")
 
 
 def fts_query(query: str) -> str | None:
@@ -49,16 +53,23 @@ def fts_query(query: str) -> str | None:
     return " OR ".join(parts) or None
 
 
-def keyword_matches(catalog: Catalog, query: str, to: str, limit: int) -> list[tuple[int, float]]:
+def keyword_matches(catalog: Catalog, query: str, to: str, limit: int,
+                    filters: Filters | None = None) -> list[tuple[int, float]]:
     """Up to ``limit`` (item id, score) pairs, best first; score is -BM25, higher is better.
 
     ``to="image"``: images whose path under their root or whose captions match (an image scores by
-    its best match); ``to="text"``: captions and texts.
+    its best match); ``to="text"``: captions and texts. ``filters``: only images they admit, and
+    only captions of such images.
     """
     expression = fts_query(query)
     if expression is None:
         return []
-    statement = _TO_IMAGE if to == "image" else _TO_TEXT
+    params: dict = {"query": expression, "limit": int(limit)}
+    filtered = ""
+    if filters is not None and filters.active:
+        condition, more = filter_sql(filters, image="f", root="fr")
+        filtered, params = _ADMITTED.format(condition=condition), {**params, **more}
+    statement = text((_TO_IMAGE if to == "image" else _TO_TEXT).format(filtered=filtered))
     with catalog.engine.connect() as conn:
-        rows = conn.execute(statement, {"query": expression, "limit": int(limit)}).all()
+        rows = conn.execute(statement, params).all()
     return [(int(item_id), -float(rank)) for item_id, rank in rows]

@@ -20,6 +20,7 @@ from click.core import ParameterSource  # noqa: E402
 
 from indexer.spec import IndexSpec  # noqa: E402
 
+from .cli_filters import filter_options  # noqa: E402
 from .cli_serve import serve_cmd  # noqa: E402
 from .cli_train import data_group, train_cmd  # noqa: E402
 from .cli_vectors import duplicates_cmd, echo_build, export_cmd, reindex_cmd, verify_cmd  # noqa: E402
@@ -187,12 +188,13 @@ def _echo_library_warnings(warned: dict[str, list[str]], verbose: bool) -> None:
 @click.option("--ef-search", type=int, default=None, help="hnsw: search beam [default: the index's].")
 @click.option("--rerank", type=int, default=None, help="ivfpq/lsh/itq: candidates re-scored exactly.")
 @click.option("--no-server", is_flag=True, help="Search in this process even when `crossmodal serve` serves the index.")
+@filter_options
 @index_option
 @model_options
 @json_option
 @domain_errors
 def search_cmd(query, images, texts, likes, nots, mode, hide_duplicates, target, k, nprobe, ef_search, rerank,
-               no_server, index_dir, model, pretrained, device, as_json):
+               no_server, filters, index_dir, model, pretrained, device, as_json):
     """Search the index by text (QUERY), by --image, or by several terms added up.
 
     \b
@@ -203,6 +205,7 @@ def search_cmd(query, images, texts, likes, nots, mode, hide_duplicates, target,
     crossmodal search "a beach" --image dog.jpg --not "people"          # terms add up
     crossmodal search --text "2:a red car" --like 1234 --not 0.5:night  # W: weighs a term
     crossmodal search "IMG_1234.jpg" --mode keyword                      # words, not the model
+    crossmodal search "a beach" --taken 2023-06-01..2023-08-31 --camera canon --in trips/
 
     Each term is encoded and made unit length, multiplied by its weight (1 unless W: says; --not
     negates it), and their sum, made unit length again, is the query. Items given with --like
@@ -226,12 +229,14 @@ def search_cmd(query, images, texts, likes, nots, mode, hide_duplicates, target,
         found = server_for(index_dir)
         if found:
             answer = ask(found[0], found[1], terms=terms, to=to, k=k, settings=settings, mode=mode,
-                         hide_duplicates=hide_duplicates)
+                         hide_duplicates=hide_duplicates, filters=filters)
     if answer is None:
         from .searcher import Searcher
 
         with Searcher.open(index_dir, model=model, pretrained=pretrained, device=device,
-                           settings=settings) as searcher:
+                           settings=settings) as opened:
+            searcher = opened.filtered(filters)
+
             def ask_here(depth: int):
                 if mode != "vector":
                     return searcher.answer_text(query, to=to, k=depth, mode=mode)

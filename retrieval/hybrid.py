@@ -51,7 +51,7 @@ def answer_words(searcher, query: str, *, to: str, k: int, offset: int, settings
     items: dict = {}
     started = time.perf_counter()
     words = keyword_matches(searcher.store.catalog, query, to, depth if mode == "keyword" else
-                            max(depth, HYBRID_DEPTH))
+                            max(depth, HYBRID_DEPTH), searcher.filters)
     timings["keyword"] = time.perf_counter() - started
     if mode == "keyword":
         ranked = words

@@ -6,6 +6,7 @@ that the one given is the same), and searches the image or text vectors by cosin
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from indexer.catalog import ItemView
 from indexer.decode import DRAFT_FACTOR
 from indexer.encoder import Encoder
 from indexer.errors import QueryError
+from indexer.filters import Filters, filtered_ids
 from indexer.imageio import NotARegularFile, TooLarge, library_output, open_image, to_rgb
 from indexer.spec import IndexSpec
 from indexer.store import MODALITIES, IndexStore, encoder_for, identity_from_meta
@@ -56,6 +58,8 @@ class Searcher:
         self._vectors: dict[str, VectorStore] = {}
         self._problems: dict[str, str] = {}  # a damaged vector file, said with every answer from it
         self._seen = store.catalog.change_counter()
+        self.filters: Filters | None = None  # set on a view made by filtered()
+        self._admitted: dict[tuple, np.ndarray] = {}  # (filters, target, catalog version) -> ids; shared by views
 
     @classmethod
     def open(cls, index_dir: Path, read_only: bool = False, **kwargs) -> Searcher:
@@ -127,6 +131,29 @@ class Searcher:
             with self._locks[modality]:
                 self._vectors[modality].sync(expected, self.store.fetch_vectors)
         return True
+
+    # -- filters ------------------------------------------------------------------------------
+    def filtered(self, filters: Filters | None) -> Searcher:
+        """This searcher with ``filters`` applied inside every search (a view sharing the index, the model
+        and the locks; every ``answer_*`` mode honours it). No filter, or an empty one: this searcher."""
+        if filters is None or not filters.active:
+            return self
+        view = copy.copy(self)
+        view.filters = filters
+        return view
+
+    def admitted(self, to: str) -> np.ndarray | None:
+        """The ids of ``to`` items the filters admit (None: no filter), cached until the catalog changes."""
+        if self.filters is None:
+            return None
+        key = (self.filters, to, self.store.catalog.change_counter())
+        found = self._admitted.get(key)
+        if found is None:
+            found = filtered_ids(self.store.catalog, self.filters, to)
+            if len(self._admitted) >= 32:
+                self._admitted.clear()
+            self._admitted[key] = found
+        return found
 
     # -- queries ------------------------------------------------------------------------------
     def search_text(self, query: str, *, to: str = "image", k: int = 10) -> list[Hit]:
@@ -251,6 +278,8 @@ class Searcher:
         # One more than the page (and the excluded item): whether a next page exists.
         [(hits, more)], items = self._search(vector, to, offset + k + 1 + len(exclude), timings, settings, exclude)
         page = hits[offset:offset + k]
+        if self.filters is not None and not hits:
+            notes = notes + [f"no {to} matches the filters ({self.filters.describe()})"]
         if offset:  # hits are ranked from 1
             page = [replace(hit, rank=offset + i + 1) for i, hit in enumerate(page)]
         problem = self._problems.get(to)
@@ -265,11 +294,12 @@ class Searcher:
         queries = queries / np.where(norms == 0, 1, norms)
         store = self.vectors(to)
         started = time.perf_counter()
+        admitted = self.admitted(to)
         with self._locks[to]:
-            held = len(store)
+            held = len(store) if admitted is None else min(len(store), len(admitted))
             if held == 0:
                 return [([], False) for _ in queries], {}
-            scores, ids = store.search(queries, k, **settings)
+            scores, ids = store.search(queries, k, admitted, **settings)
         timings["search"] = timings.get("search", 0.0) + time.perf_counter() - started
         started = time.perf_counter()
         items = self.store.catalog.items(np.unique(ids[ids >= 0]).tolist())

@@ -7,7 +7,7 @@ import sqlite3
 import numpy as np
 import pytest
 
-from indexer.catalog import Catalog, ImageWrite, TextWrite
+from indexer.catalog import SCHEMA_VERSION, Catalog, ImageWrite, TextWrite
 from indexer.errors import QueryError
 from indexer.keywords import fts_query, keyword_matches
 from retrieval.hybrid import reciprocal_rank_fusion
@@ -71,13 +71,15 @@ def test_an_index_from_before_keywords_is_searchable_once_upgraded(tmp_path):
     [image] = cat.write_images(root, [ImageWrite("holiday/lake.jpg", 1, 1, "h", vector=unit(1))])
     cat.close()
     con = sqlite3.connect(path)  # back to schema 3, as an index written by the previous release
+    v5 = "format taken_at camera_make camera_model orientation gps_lat gps_lon meta_version".split()
     con.executescript("DROP TRIGGER item_words_insert; DROP TRIGGER item_words_delete; "
                       "DROP TRIGGER item_words_update; DROP TABLE item_words; DELETE FROM schema_version "
-                      "WHERE version = 4;")
+                      "WHERE version >= 4; DROP INDEX ix_items_taken_at;"
+                      + "".join(f"ALTER TABLE items DROP COLUMN {column};" for column in v5))
     con.close()
     cat = Catalog(path)
     try:
-        assert cat.schema_version() == 4 and ids(keyword_matches(cat, "lake", "image", 5)) == [image]
+        assert cat.schema_version() == SCHEMA_VERSION and ids(keyword_matches(cat, "lake", "image", 5)) == [image]
     finally:
         cat.close()
 

@@ -21,6 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from indexer.errors import CrossmodalError, QueryError
+from indexer.filters import Filters
 
 from ..hybrid import MODES
 from ..terms import json_values, terms_from_json
@@ -158,8 +159,8 @@ async def _json(request: Request):
 
 
 def _json_query(body: dict) -> Query:
-    unknown = set(body) - {"index", "text", "item", "vector", "terms", "mode", "hide_duplicates", "to", "k",
-                           "offset"} - set(SETTING_MAX)
+    unknown = set(body) - {"index", "text", "item", "vector", "terms", "mode", "hide_duplicates", "filters", "to",
+                           "k", "offset"} - set(SETTING_MAX)
     if unknown:
         raise QueryError(f"unknown field {sorted(unknown)[0]!r} in the search request")
     text, item, vector = json_values(body)
@@ -170,7 +171,8 @@ def _json_query(body: dict) -> Query:
     hide = body.get("hide_duplicates", False)
     if not isinstance(hide, bool):
         raise QueryError("hide_duplicates must be true or false")
-    return Query(text=text, item=item, vector=vector, terms=terms, mode=mode, hide_duplicates=hide,
+    filters = Filters.from_dict(body["filters"]) if body.get("filters") is not None else None
+    return Query(text=text, item=item, vector=vector, terms=terms, mode=mode, hide_duplicates=hide, filters=filters,
                  to=body.get("to"), k=body.get("k", 24),
                  offset=body.get("offset", 0), settings={n: body[n] for n in SETTING_MAX if n in body} or None)
 
@@ -207,10 +209,30 @@ async def _form_query(request: Request, limit: int) -> tuple[str | None, Query]:
         except (TypeError, ValueError):
             raise QueryError("terms must be a JSON list such as [{\"text\": \"a cat\", \"weight\": -1}]") from None
     hide = form.get("hide_duplicates") in ("true", "1", "on")
-    return form.get("index") or None, Query(image=data, terms=terms, hide_duplicates=hide,
+    filters = None
+    if form.get("filters"):
+        try:
+            filters = Filters.from_dict(json.loads(form.get("filters")))
+        except (TypeError, ValueError):
+            raise QueryError("filters must be a JSON object such as {\"camera\": \"canon\"}") from None
+    return form.get("index") or None, Query(image=data, terms=terms, hide_duplicates=hide, filters=filters,
                                             to=to if isinstance(to, str) else None,
                                             k=number("k", 24), offset=number("offset", 0), settings=settings or None)
 
+
+FILTERS_SCHEMA = {"type": "object", "description": "only results that match all of these (indexer.filters)",
+                  "properties": {
+                      "paths": {"type": "array", "items": {"type": "string"}, "description": "folders or path globs"},
+                      "formats": {"type": "array", "items": {"type": "string"}, "description": "jpg, png, ..."},
+                      "taken": {"type": "string", "description": "EXIF date range FROM..TO (ISO dates)"},
+                      "modified": {"type": "string", "description": "file time range FROM..TO"},
+                      "camera": {"type": "string"}, "min_width": {"type": "integer"},
+                      "min_height": {"type": "integer"},
+                      "orientation": {"type": "string", "enum": ["landscape", "portrait", "square"]},
+                      "has_caption": {"type": "boolean"},
+                      "bbox": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4,
+                               "description": "south, west, north, east"}},
+                  "example": {"taken": "2023-06-01..2023-08-31", "camera": "canon"}}
 
 SEARCH_BODY = {
     "required": True,
@@ -228,6 +250,7 @@ SEARCH_BODY = {
                                     "rankings fused, or (to images) each image with its captions as one"},
             "hide_duplicates": {"type": "boolean", "default": False,
                                 "description": "show one of each group of near-identical hits"},
+            "filters": FILTERS_SCHEMA,
             "to": {"type": "string", "enum": ["image", "text"]},
             "k": {"type": "integer", "minimum": 1, "maximum": 200, "default": 24},
             "offset": {"type": "integer", "minimum": 0, "default": 0},
@@ -236,6 +259,7 @@ SEARCH_BODY = {
         "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
             "image": {"type": "string", "format": "binary"}, "index": {"type": "string"},
             "terms": {"type": "string", "description": "more terms, as the JSON list of the JSON body's terms"},
+            "filters": {"type": "string", "description": "the JSON body's filters, as JSON"},
             "to": {"type": "string"}, "k": {"type": "integer"}, "offset": {"type": "integer"}}}},
     },
 }

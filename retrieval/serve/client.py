@@ -22,13 +22,15 @@ TIMEOUT_S = 30
 
 
 def ask(record: ServerRecord, name: str, *, terms: list[Term], to: str, k: int, settings: dict,
-        mode: str = "vector", hide_duplicates: bool = False) -> Answer | None:
+        mode: str = "vector", hide_duplicates: bool = False, filters=None) -> Answer | None:
     """The server's answer to ``terms`` (one image, or any number of texts, items and vectors), or None."""
     fields = {"index": name, "to": to, "k": k, **{n: v for n, v in settings.items() if v is not None}}
     if mode != "vector":
         fields["mode"] = mode
     if hide_duplicates:
         fields["hide_duplicates"] = True
+    if filters is not None:  # an indexer.filters.Filters
+        fields["filters"] = filters.as_dict()
     if len(terms) == 1 and terms[0].weight <= 0:
         return None  # not a query: the in-process search says why
     image = terms[0].image if len(terms) == 1 else None
@@ -78,7 +80,8 @@ def _regular_file(path: Path) -> bytes | None:
 
 def _multipart(fields: dict, data: bytes, filename: str) -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
-    text = {key: str(value).lower() if isinstance(value, bool) else value for key, value in fields.items()}
+    text = {key: str(value).lower() if isinstance(value, bool) else json.dumps(value) if isinstance(value, dict)
+            else value for key, value in fields.items()}
     parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode()
              for key, value in text.items()]
     safe = filename.encode("ascii", "replace").decode().replace('"', "_")

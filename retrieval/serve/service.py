@@ -19,6 +19,7 @@ from pathlib import Path
 
 from indexer.decode import DRAFT_FACTOR
 from indexer.errors import CrossmodalError, QueryError
+from indexer.filters import Filters
 from indexer.imageio import NotAnImage, TooLarge, open_image
 from indexer.vectors import serial_in_this_thread
 
@@ -58,6 +59,7 @@ class Query:
     settings: dict | None = None  # nprobe, ef_search, rerank for this query
     mode: str = "vector"  # or keyword, hybrid (a text query only)
     hide_duplicates: bool = False  # one of each group of near-identical hits
+    filters: Filters | None = None  # metadata filters, applied inside the search
 
     def check(self) -> None:
         given = [name for name in ("text", "image", "item", "vector", "terms") if getattr(self, name) is not None]
@@ -106,7 +108,7 @@ class ServedIndex:
                 "index_type": spec.kind, "description": spec.describe(), "settings": settings}
 
     def answer(self, query: Query, max_megapixels: float, decode: Callable) -> dict:
-        searcher, to = self.searcher, query.target
+        searcher, to = self.searcher.filtered(query.filters), query.target
         terms = self._terms(query, max_megapixels, decode)
 
         def ask(k: int, offset: int = 0) -> Answer:
