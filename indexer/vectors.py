@@ -166,10 +166,11 @@ class VectorStore:
         return len(missing), len(extra)
 
     # -- search ---------------------------------------------------------------------------------
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | Allowed | None = None,
                **settings) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k inner products, among the ids in ``allowed`` when it is given; rows padded with id
-        -1 where fewer than k vectors (allowed ones) exist.
+        """Top-k inner products, among the ids in ``allowed`` when it is given (an array of ids, or an
+        :class:`Allowed` made once for many queries); rows padded with id -1 where fewer than k
+        vectors (allowed ones) exist.
 
         A filter is applied inside the index (faiss's id selectors), so k results come back when k
         allowed vectors exist; a filter admitting at most ``EXACT_SHARE`` of the vectors is searched
@@ -178,7 +179,7 @@ class VectorStore:
         """
         queries = _unit(np.atleast_2d(queries))
         params = {**self.spec.params, **settings}
-        admitted = Allowed(allowed) if allowed is not None else None
+        admitted = allowed if allowed is None or isinstance(allowed, Allowed) else Allowed(allowed)
         k = max(1, min(k, len(self) if admitted is None else max(1, len(admitted))))
         if self.backend is None:
             base, base_ids = self._pending, self._pending_ids

@@ -24,7 +24,7 @@ from indexer.filters import Filters, filtered_ids
 from indexer.imageio import NotARegularFile, TooLarge, library_output, open_image, to_rgb
 from indexer.spec import IndexSpec
 from indexer.store import MODALITIES, IndexStore, encoder_for, identity_from_meta
-from indexer.vectors import VectorStore, gpu_wanted
+from indexer.vectors import Allowed, VectorStore, gpu_wanted
 
 from .fusion import answer_fused
 from .hits import MAX_K, Answer, Hit
@@ -59,7 +59,7 @@ class Searcher:
         self._problems: dict[str, str] = {}  # a damaged vector file, said with every answer from it
         self._seen = store.catalog.change_counter()
         self.filters: Filters | None = None  # set on a view made by filtered()
-        self._admitted: dict[tuple, np.ndarray] = {}  # (filters, target, catalog version) -> ids; shared by views
+        self._admitted: dict[tuple, Allowed] = {}  # (filters, target, catalog version) -> ids; shared by views
 
     @classmethod
     def open(cls, index_dir: Path, read_only: bool = False, **kwargs) -> Searcher:
@@ -142,14 +142,14 @@ class Searcher:
         view.filters = filters
         return view
 
-    def admitted(self, to: str) -> np.ndarray | None:
-        """The ids of ``to`` items the filters admit (None: no filter), cached until the catalog changes."""
+    def admitted(self, to: str) -> Allowed | None:
+        """The ``to`` items the filters admit (None: no filter), cached until the catalog changes."""
         if self.filters is None:
             return None
         key = (self.filters, to, self.store.catalog.change_counter())
         found = self._admitted.get(key)
         if found is None:
-            found = filtered_ids(self.store.catalog, self.filters, to)
+            found = Allowed(filtered_ids(self.store.catalog, self.filters, to))
             if len(self._admitted) >= 32:
                 self._admitted.clear()
             self._admitted[key] = found

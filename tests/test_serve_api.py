@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import struct
 import subprocess
@@ -145,6 +146,27 @@ def test_keyword_and_hybrid_modes_answer_text_queries_only(client, demo):
         assert response.status_code == 400 and says in response.json()["error"], response.text
 
 
+def test_filters_narrow_every_mode_and_an_upload_inside_the_search(client, demo):
+    pngs = {p.name for p in (demo / "corpus" / "test").glob("*.png")}
+    for body in ({"text": "a red circle"}, {"text": "jpg png", "mode": "keyword"}, {"text": "a red circle",
+                                                                                   "mode": "hybrid"}):
+        answer = client.post("/api/search", json={**body, "k": 30, "filters": {"formats": ["png"]}}).json()
+        assert answer["hits"] and {h["path"] for h in answer["hits"]} <= pngs, body
+    whole = client.post("/api/search", json={"text": "a red circle", "k": 30}).json()["hits"]
+    only = client.post("/api/search", json={"text": "a red circle", "k": 30, "filters": {"formats": ["png"]}}).json()
+    assert [h["id"] for h in only["hits"]] == [h["id"] for h in whole if h["path"] in pngs]  # same order, all of them
+    assert len(only["hits"]) == len(pngs) and not only["has_more"]
+    picked = sorted(pngs)[:2]
+    image = (demo / "corpus" / "test" / sorted(pngs)[0]).read_bytes()
+    answer = client.post("/api/search", files={"image": ("q.png", image)},
+                         data={"to": "image", "filters": json.dumps({"paths": picked})}).json()
+    assert sorted(h["path"] for h in answer["hits"]) == picked
+    nothing = client.post("/api/search", json={"text": "x", "filters": {"camera": "leica"}}).json()
+    assert nothing["hits"] == [] and "no image matches the filters" in nothing["notes"][0]
+    detail = client.get(f"/api/items/{only['hits'][0]['id']}?index=shapes").json()
+    assert detail["photo"] == {"format": "PNG"}
+
+
 def test_more_like_this_leaves_the_item_out_and_items_list_their_captions(client):
     top = search(client, text="a blue star", k=1)["hits"][0]
     similar = client.get(f"/api/items/{top['id']}/similar", params={"k": 5}).json()["hits"]
@@ -236,6 +258,9 @@ def png_header_only(width: int, height: int) -> bytes:
     ({"files": {"image": ("bomb.png", png_header_only(30000, 30000))}}, 400, "megapixel limit"),
     ({"files": {"image": ("e.png", b"")}}, 400, "empty"),
     ({"files": {"picture": ("a.png", b"x")}}, 400, "multipart field 'image'"),
+    ({"json": {"text": "x", "filters": {"colour": "red"}}}, 400, "unknown filter 'colour'"),
+    ({"json": {"text": "x", "filters": {"taken": "2024-01-01..2023-01-01"}}}, 400, "ends before it starts"),
+    ({"json": {"text": "x", "filters": ["png"]}}, 400, "filters must be a JSON object"),
 ])
 def test_bad_requests_get_a_4xx_with_a_sentence(client, request_, status, says):
     response = client.post("/api/search", **request_)

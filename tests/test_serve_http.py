@@ -112,6 +112,10 @@ def test_cli_search_goes_through_a_running_server_and_answers_the_same(index, en
     before = crossmodal(env, "search", "a red circle", "--index", index, "-k", 5, "--json", "--no-server").stdout
     image = sorted((index.parent / "corpus" / "test").glob("*.png"))[0]
     before_image = crossmodal(env, "search", "--image", image, "--index", index, "--json", "--no-server").stdout
+    filtered = ("--type", "png", "--in", "*/00000?.*", "--to", "image")
+    before_filtered = [crossmodal(env, "search", *query, *filtered, "--index", index, "--json", "--no-server").stdout
+                       for query in (["a red circle"], ["--image", image])]
+    assert json.loads(before_filtered[0]) and all(h["path"].endswith(".png") for h in json.loads(before_filtered[1]))
     [record] = (tmp_path / "run").glob("server-*.json")
     assert json.loads(record.read_text())["indexes"] == {"shapes": str(index.resolve())}
 
@@ -119,9 +123,11 @@ def test_cli_search_goes_through_a_running_server_and_answers_the_same(index, en
     through = crossmodal(env, "search", "a red circle", "--index", index, "-k", 5, "--json")
     assert through.stdout == before
     assert crossmodal(env, "search", "--image", image, "--index", index, "--json").stdout == before_image
+    assert [crossmodal(env, "search", *query, *filtered, "--index", index, "--json").stdout
+            for query in (["a red circle"], ["--image", image])] == before_filtered  # filters travel: JSON, multipart
     # Proof that it was the server: a query it has answered shows in its metrics, and no model was loaded here.
     with urllib.request.urlopen(server.url + "/metrics", timeout=10) as response:
-        assert 'crossmodal_requests_total{route="/api/search",status="200"} 2.0' in response.read().decode()
+        assert 'crossmodal_requests_total{route="/api/search",status="200"} 4.0' in response.read().decode()
     assert time.monotonic() - started < 60
 
     code, log = server.stop()

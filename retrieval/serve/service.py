@@ -174,7 +174,7 @@ class ServedIndex:
                 "image_id": image_id, "text": view.text, "source": view.origin,
                 "captions": [{"id": i, "text": t} for i, t in captions],
                 "width": image.width if image else None, "height": image.height if image else None,
-                "size_bytes": image.size if image else None,
+                "size_bytes": image.size if image else None, "photo": _photo(image),
                 "thumb": self._url("thumbs", image) if local else None,
                 "file": self._url("files", image) if local else None}
 
@@ -183,6 +183,15 @@ class ServedIndex:
 
     def thumbnail(self, item_id: int, size: int) -> tuple[Path, str]:
         return self.thumbnails.get(self.catalog.items([item_id]).get(item_id), item_id, size)
+
+
+def _photo(image) -> dict | None:
+    """What the file's header said (indexer.photometa), the fields it had."""
+    if image is None:
+        return None
+    found = {name: getattr(image, name) for name in ("format", "taken_at", "camera_make", "camera_model",
+                                                      "orientation", "gps_lat", "gps_lon")}
+    return {name: value for name, value in found.items() if value is not None}
 
 
 def _relative(image) -> str | None:
