@@ -187,8 +187,12 @@ class VectorStore:
                 keep = np.isin(base_ids, admitted.ids)
                 base, base_ids = base[keep], base_ids[keep]
             return exact_top_k(queries, base, base_ids, k)
-        if admitted is not None and self.exact is not None and len(admitted) <= EXACT_SHARE * len(self):
-            return _finite(exact_top_k(queries, self.exact(admitted.ids), admitted.ids, k))
+        if admitted is not None and len(admitted) <= EXACT_SHARE * len(self):
+            full = self.backend.stored(admitted.ids) if len(admitted) else np.zeros((0, self.dim), np.float32)
+            if full is None and self.exact is not None:
+                full = self.exact(admitted.ids)
+            if full is not None:
+                return _finite(exact_top_k(queries, full, admitted.ids, k))
         if not self.backend.reranks:
             return self.backend.search(queries, k, params, admitted, self.use_gpu)
         scores, found = self.backend.search(queries, max(k, params["rerank"]), params, admitted, self.use_gpu)

@@ -88,16 +88,19 @@ def test_a_filter_admitting_fewer_than_k_gives_just_those(store, corpus):
     assert (none == -1).all()
 
 
-def test_the_selective_path_is_exact_and_reads_only_the_admitted_vectors(corpus):
+@pytest.mark.parametrize("kind, from_catalog", [("hnsw", False), ("lsh", True)])
+def test_the_selective_path_is_exact_and_reads_only_the_admitted_vectors(corpus, kind, from_catalog):
+    """Kinds that hold full vectors give them from the index; code-only kinds ask the catalog once."""
     base, queries, ids, filters = corpus
-    store = VectorStore.empty(IndexSpec("hnsw", params={"ef_search": 16}), DIM)
+    store = VectorStore.empty(IndexSpec(kind, params={"ef_search": 16} if kind == "hnsw" else {}), DIM)
     store.add(ids, base)
+    store.train(base)
     asked = []
     store.exact = lambda wanted: asked.append(len(wanted)) or stored(base)(wanted)
     allowed = filters[0.001]
     _, found = store.search(queries, K, allowed=allowed)
     np.testing.assert_array_equal(np.sort(found, axis=1), np.sort(filtered_truth(queries, base, allowed)[1], axis=1))
-    assert asked == [len(allowed)]
+    assert asked == ([len(allowed)] if from_catalog else [])
 
 
 def test_removed_ids_stay_out_of_filtered_results(corpus):
@@ -118,3 +121,15 @@ def test_a_store_not_yet_trained_filters_its_held_vectors(corpus):
     allowed = ids[:500][::7]
     _, found = store.search(queries[:10], K, allowed=allowed)
     np.testing.assert_array_equal(found, filtered_truth(queries[:10], base, allowed)[1])
+
+
+def test_flat_over_a_broad_filter_is_exact_even_when_the_admitted_are_the_farthest(corpus):
+    base, queries, ids, _ = corpus
+    store = VectorStore.empty(IndexSpec("flat"), DIM)
+    store.add(ids, base)
+    far = ids[np.argsort(base @ queries[0])[:N * 3 // 10]]  # 30 % admitted: past the over-fetch share
+    for allowed in (far, ids[::2]):
+        scores, found = store.search(queries[:4], K, allowed=allowed)
+        truth_scores, truth = filtered_truth(queries[:4], base, np.sort(allowed))
+        np.testing.assert_array_equal(np.sort(found, axis=1), np.sort(truth, axis=1))
+        np.testing.assert_allclose(scores, truth_scores, rtol=1e-5, atol=1e-6)
