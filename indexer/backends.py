@@ -17,7 +17,6 @@ import numpy as np
 from .errors import CrossmodalError
 from .spec import BINARY, IndexSpec
 
-
 # From this share of the corpus admitted, a flat index over-fetches unfiltered instead (Flat._overfetched).
 OVERFETCH_SHARE = 0.2
 MAX_FILTERED_EF = 4096  # an HNSW beam wider than this costs more than the exact search it would replace
