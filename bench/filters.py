@@ -11,6 +11,11 @@ SQLite in an index). Last line: JSON.
 
     python bench/filters.py                         # 1,000,000 vectors, flat ivf ivfpq lsh (~20 min on 2 cores)
     python bench/filters.py --n 100000 --kinds flat,ivf,hnsw,ivfpq,lsh
+    python bench/filters.py --catalog-only          # the catalog's side: the SQL that finds the admitted ids
+
+With ``--catalog-only``, a catalog of ``--n`` image rows with generated metadata is written and the
+time the catalog takes to find the ids a filter admits is measured (a searcher does it once per
+filter and catalog version, then reuses the bitmap).
 """
 
 from __future__ import annotations
@@ -63,6 +68,48 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
                           for f, t in zip(found, truth)]))
 
 
+def catalog_timings(n: int) -> None:
+    import sqlite3
+    import tempfile
+
+    from indexer.catalog import Catalog
+    from indexer.filters import Filters, filtered_ids
+
+    rng = np.random.default_rng(2)
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "catalog.sqlite"
+        Catalog(path).close()
+        started = time.perf_counter()
+        con = sqlite3.connect(path)
+        con.execute("INSERT INTO roots (id, path) VALUES (1, '/photos')")
+        cameras = ["Canon", "NIKON", "Apple", "SONY", "FUJIFILM"]
+        rows = ((f"{2000 + i % 25}/{i % 300:03d}/IMG_{i:07d}.jpg", i % 5_000_000, 1_600_000_000_000_000_000 + i,
+                 f"{i:064x}", 4000, 3000 if i % 3 else 5000, "JPEG",
+                 f"20{10 + i % 15}-{1 + i % 12:02d}-{1 + i % 28:02d}T12:00:00", cameras[i % 5], "X",
+                 float(rng.uniform(-60, 70)), float(rng.uniform(-180, 180))) for i in range(n))
+        con.executemany("INSERT INTO items (kind, root_id, path, size, mtime_ns, sha256, width, height, format, "
+                        "taken_at, camera_make, camera_model, gps_lat, gps_lon, meta_version, updated_at) "
+                        "VALUES ('image', 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, '')", rows)
+        con.commit()
+        con.close()
+        print(f"catalog of {n:,} images written in {time.perf_counter() - started:.0f}s", flush=True)
+        catalog = Catalog(path, read_only=True)
+        cases = {"folder 2003/ (4 %)": Filters(paths=("2003",)),
+                 "taken in 2015 (7 %)": Filters(taken=("2015-01-01", "2015-12-31")),
+                 "camera canon, portrait (7 %)": Filters(camera="canon", orientation="portrait"),
+                 "GPS box 10x10 degrees (~0.2 %)": Filters(bbox=(40, 0, 50, 10)),
+                 "landscape (67 %)": Filters(orientation="landscape")}
+        timings = {}
+        for label, filters in cases.items():
+            filtered_ids(catalog, filters, "image")
+            started = time.perf_counter()
+            ids = filtered_ids(catalog, filters, "image")
+            timings[label] = {"ms": round(1000 * (time.perf_counter() - started), 1), "admitted": len(ids)}
+            print(f"{label:32s} {timings[label]['ms']:8.1f} ms  {len(ids):>9,} ids", flush=True)
+        catalog.close()
+        print(json.dumps({"n": n, "catalog": timings}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=1_000_000)
@@ -75,7 +122,11 @@ def main() -> None:
     parser.add_argument("--pq-bytes", type=int, default=64)
     parser.add_argument("--opq", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--bits", type=int, default=256)
+    parser.add_argument("--catalog-only", action="store_true", help="Time the catalog's filter SQL instead.")
     args = parser.parse_args()
+    if args.catalog_only:
+        catalog_timings(args.n)
+        return
 
     started = time.perf_counter()
     base, queries = synthetic(args.n, args.dim, 2 * args.queries)

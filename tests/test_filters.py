@@ -98,6 +98,14 @@ def test_every_mode_and_target_honours_the_filter(corpus, invoke):
     assert found(invoke, "--like", first["id"], "--in", "home") == expect(truth, lambda rel, m: m["folder"] == "home")
 
 
+def test_absolute_folders_and_globs_name_the_root_too(corpus, invoke):
+    root, truth = corpus
+    home = expect(truth, lambda rel, m: m["folder"] == "home")
+    assert found(invoke, "a photo", "--in", root / "home") == home
+    assert found(invoke, "a photo", "--in", f"{root}/home/*.png") == [r for r in home if r.endswith(".png")]
+    assert found(invoke, "a photo", "--in", "*/photos/home") == []  # a glob is taken as written: no file has that path
+
+
 def test_a_filter_that_matches_nothing_says_so(corpus, invoke):
     result = invoke("search", "a photo", "--camera", "hasselblad", ok=True)
     assert "no image matches the filters" in result.output and "camera='hasselblad'" in result.output
