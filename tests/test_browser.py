@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from indexer.synth import stamp_photo_meta
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +56,8 @@ VISIBLE_IMAGES = """() => {
   return imgs.map((img) => [img.closest('.hit').dataset.id, img.naturalWidth]);
 }"""
 IMAGE_LOADED = "(img) => img.complete && img.naturalWidth > 0"
+PHOTO = {"taken_at": "2023-06-14T18:03:51", "camera_make": "Canon", "camera_model": "Canon EOS R5",
+         "gps_lat": 48.8584, "gps_lon": 2.2945}
 
 
 def chromium() -> str:
@@ -162,6 +167,9 @@ def corpus(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("browser")
     env = quiet_env(tmp)
     run_cli("data", "synth", "--out", tmp / "corpus", "--n", 60, "--seed", 5, "--test", 60, "--val", 0, env=env)
+    for path in sorted((tmp / "corpus" / "test").glob("*.jpg"))[:2]:  # two photos with a camera, a date, a place
+        stamp_photo_meta(path, taken_at=PHOTO["taken_at"], make=PHOTO["camera_make"], model=PHOTO["camera_model"],
+                         gps=(PHOTO["gps_lat"], PHOTO["gps_lon"]))
     run_cli("index", tmp / "corpus" / "test", "--index", tmp / "index", "--model", "crossmodal-demo",
             "--no-progress", env=env)
     return {"tmp": tmp, "images": tmp / "corpus" / "test", "index": tmp / "index"}
@@ -287,6 +295,25 @@ def new_search(request) -> bool:
     if "multipart/form-data" in (request.headers.get("content-type") or ""):
         return True  # Chromium does not show an upload's body; the tests ask for no next page meanwhile
     return (request.post_data_json or {}).get("offset") == 0
+
+
+def sent_by(page, action) -> dict:
+    """The JSON body of the first-page search request that ``action()`` makes the page send."""
+    with page.expect_request(new_search) as caught:
+        action()
+    return caught.value.post_data_json
+
+
+def answered(page, **data) -> None:
+    """Wait until a finished search's results are on the page, its ``#results`` carrying these data
+    attributes (``terms``: the feedback chips its query had; ``mode``; ``query_kind``; ``to``)."""
+    marks = "".join(f'[data-{name.replace("_", "-")}="{value}"]' for name, value in data.items())
+    expect(page.locator(f'#results[data-state="ready"]{marks}')).to_be_visible()
+
+
+def page_url(base: str, query: str = QUERY, **params) -> str:
+    """The page's URL for a words search, then ``params`` in the order given."""
+    return f"{base}/?" + urllib.parse.urlencode({"q": query, "to": "image", **params}, safe="*,")
 
 
 def read(path: Path) -> bytes:
@@ -554,3 +581,270 @@ def test_a_token_server_asks_to_log_in_and_the_picker_lists_its_indexes(browser,
     finally:
         context.close()
         served.stop()
+
+
+# -- issue 13: the API's query power on the page ---------------------------------------------------
+
+def test_less_and_more_like_this_chips_refine_the_query_and_removing_them_restores_it(watched):
+    page = open_page(watched)
+    sent = text_search(page, QUERY)
+    assert sent["mode"] == "vector" and sent["hide_duplicates"] is False and "filters" not in sent
+    results(page, "image", "text")
+    original = http(watched.base, "/api/search", sent)
+    k = sent["k"]
+    assert shown_ids(page)[:k] == ids(original)
+    less = original["hits"][1]
+
+    # "Less like this" on the second result: a chip, and a terms query with that item at -0.5.
+    tile = page.locator(f'#results .hit[data-id="{less["id"]}"]')
+    tile.hover()
+    body = sent_by(page, tile.get_by_role("button", name="Less like result 2: add it to the query").click)
+    assert body["terms"] == [{"text": QUERY, "weight": 1}, {"item": less["id"], "weight": -0.5}]
+    assert not {"text", "item", "mode"} & set(body)
+    answered(page, query_kind="text", terms=1)
+    chip = page.locator(f'#feedback .feedback-chip.is-less[data-id="{less["id"]}"]')
+    expect(chip).to_be_visible()
+    expect(chip.locator("img")).to_have_attribute("src", less["thumb"])
+    answer = http(watched.base, "/api/search", body)
+    assert shown_ids(page)[:k] == ids(answer)
+    assert less["id"] not in shown_ids(page) and less["id"] not in ids(answer)  # a term is left out
+    expect(page.locator("#mode")).to_be_disabled()  # a terms query ranks by vector only, and says so
+    expect(page.locator("#mode-hint")).to_be_visible()
+    expect(page).to_have_url(page_url(watched.base, less=less["id"]))
+
+    # "More like this" on the new first result, by keyboard: a second chip at +0.5.
+    more = int(page.locator("#results .hit").first.get_attribute("data-id"))
+    page.locator("#results .hit").first.locator(".feedback-more").focus()
+    body = sent_by(page, lambda: page.keyboard.press("Enter"))
+    assert body["terms"] == [{"text": QUERY, "weight": 1}, {"item": less["id"], "weight": -0.5},
+                             {"item": more, "weight": 0.5}]
+    answered(page, query_kind="text", terms=2)
+    expect(page.locator("#feedback .feedback-chip")).to_have_count(2)
+    more_clear = page.locator(f'#feedback .feedback-chip[data-id="{more}"] .chip-clear')
+    expect(more_clear).to_be_focused()  # the results were redrawn: the focus is on the new chip
+    assert shown_ids(page)[:k] == ids(http(watched.base, "/api/search", body))
+    assert more not in shown_ids(page)
+
+    # The chip's remove button drops its term; without chips the words alone rank as at first.
+    body = sent_by(page, chip.get_by_role("button", name=re.compile("^Remove")).click)
+    assert body["terms"] == [{"text": QUERY, "weight": 1}, {"item": more, "weight": 0.5}]
+    answered(page, query_kind="text", terms=1)
+    expect(chip).to_have_count(0)
+    expect(more_clear).to_be_focused()  # the next chip
+    assert shown_ids(page)[:k] == ids(http(watched.base, "/api/search", body))
+    body = sent_by(page, lambda: page.keyboard.press("Enter"))
+    assert body == sent
+    expect(page.locator("#q")).to_be_focused()  # no chips left
+    answered(page, query_kind="text", terms=0)
+    assert shown_ids(page)[:k] == ids(original)
+    expect(page.locator("#feedback")).to_be_hidden()
+    expect(page.locator("#mode")).to_be_enabled()
+    expect(page.locator("#mode-hint")).to_be_hidden()
+    expect(page).to_have_url(page_url(watched.base))
+
+    # Back: the chip again, from the URL, with its picture.
+    body = sent_by(page, page.go_back)
+    assert body["terms"] == [{"text": QUERY, "weight": 1}, {"item": more, "weight": 0.5}]
+    answered(page, query_kind="text", terms=1)
+    expect(page.locator(f'#feedback .feedback-chip.is-more[data-id="{more}"] img')).to_have_attribute(
+        "src", next(h["thumb"] for h in original["hits"] if h["id"] == more))
+    # A new words search starts without chips.
+    body = text_search(page, "a red circle")
+    assert "terms" not in body
+    answered(page, query_kind="text", terms=0)
+    expect(page.locator("#feedback")).to_be_hidden()
+    watched.check()
+
+
+def test_the_mode_switch_sends_keyword_and_shows_the_apis_keyword_ranking(watched):
+    page = open_page(watched)
+    sent = text_search(page, QUERY)
+    results(page, "image", "text")
+    body = sent_by(page, lambda: page.locator("#mode").select_option("keyword"))
+    assert body == {**sent, "mode": "keyword"}
+    answered(page, query_kind="text", mode="keyword")
+    keyword = http(watched.base, "/api/search", body)
+    assert keyword["hits"] and ids(keyword) != ids(http(watched.base, "/api/search", sent))  # its own ranking
+    assert shown_ids(page)[: body["k"]] == ids(keyword)
+    expect(page).to_have_url(page_url(watched.base, mode="keyword"))
+
+    # The URL keeps it: a reload searches by keywords again.
+    assert sent_by(page, page.reload) == body
+    answered(page, query_kind="text", mode="keyword")
+    expect(page.locator("#mode")).to_have_value("keyword")
+
+    # A feedback chip makes it a terms query: vector, the switch disabled; without it, keywords again.
+    body = sent_by(page, page.locator("#results .hit").first.locator(".feedback-less").click)
+    assert "mode" not in body and len(body["terms"]) == 2
+    answered(page, query_kind="text", mode="vector", terms=1)
+    expect(page.locator("#mode")).to_be_disabled()
+    expect(page.locator("#mode")).to_have_value("vector")
+    expect(page.locator("#mode-hint")).to_be_visible()
+    assert sent_by(page, page.locator("#feedback .chip-clear").click) == body_without_terms(body, keyword=True)
+    answered(page, query_kind="text", mode="keyword", terms=0)
+    expect(page.locator("#mode")).to_be_enabled()
+    expect(page.locator("#mode")).to_have_value("keyword")
+    assert shown_ids(page)[: body["k"]] == ids(keyword)
+    watched.check()
+
+
+def body_without_terms(body: dict, keyword: bool) -> dict:
+    """The words query a terms query came from (its first term), as the page sends it."""
+    plain = {name: value for name, value in body.items() if name != "terms"}
+    return {**plain, "text": body["terms"][0]["text"], "mode": "keyword" if keyword else "vector"}
+
+
+def test_hide_duplicates_is_sent_and_the_apis_notes_are_shown(watched):
+    page = open_page(watched)
+    text_search(page, QUERY)
+    results(page, "image", "text")
+    sent = sent_by(page, page.locator("#target-texts").click)  # captions: many say the same
+    results(page, "text", "text")
+    expect(page.locator("#notes")).to_be_empty()
+    body = sent_by(page, page.locator("#hide-duplicates").check)
+    assert body == {**sent, "hide_duplicates": True}
+    results(page, "text", "text")
+    answer = http(watched.base, "/api/search", body)
+    assert shown_ids(page)[: body["k"]] == ids(answer)
+    assert any("near-duplicates" in note for note in answer["notes"])
+    expect(page.locator("#notes")).to_contain_text(" · ".join(answer["notes"]))
+    expect(page).to_have_url(page_url(watched.base, to="text", hide_duplicates=1))
+
+    assert sent_by(page, page.locator("#hide-duplicates").uncheck) == sent
+    results(page, "text", "text")
+    expect(page.locator("#notes")).to_be_empty()
+    assert shown_ids(page)[: sent["k"]] == ids(http(watched.base, "/api/search", sent))
+    watched.check()
+
+
+def test_filters_narrow_the_results_are_counted_cleared_and_bad_ones_show_the_apis_message(watched):
+    page = open_page(watched)
+    sent = text_search(page, QUERY)
+    results(page, "image", "text")
+    unfiltered = http(watched.base, "/api/search", sent)
+    path_of = {hit["id"]: hit["path"] for hit in http(watched.base, "/api/search", {**sent, "k": 60})["hits"]}
+    toggle, count = page.locator("#filters-toggle"), page.locator("#filters-count")
+    expect(count).to_be_hidden()
+    toggle.click()
+    expect(page.locator("#filters-panel")).to_be_visible()
+    expect(toggle).to_have_attribute("aria-expanded", "true")
+
+    # A file type: only PNGs (a quarter of the corpus), all on one page.
+    body = sent_by(page, page.locator('#filters-form input[name="format"][value="png"]').check)
+    assert body == {**sent, "filters": {"formats": ["png"]}}
+    results(page, "image", "text")
+    answer = http(watched.base, "/api/search", body)
+    assert not answer["has_more"] and shown_ids(page) == ids(answer)
+    assert len(ids(answer)) == sum(path.endswith(".png") for path in path_of.values()) == 15
+    assert all(path_of[i].endswith(".png") for i in shown_ids(page))
+    expect(count).to_have_text("1")
+    expect(toggle).to_have_attribute("aria-label", "Filters, 1 active")
+
+    # And a file name glob: both must hold.
+    page.locator("#f-paths").fill("00001*")
+    body = sent_by(page, lambda: page.locator("#f-paths").press("Enter"))
+    assert body == {**sent, "filters": {"paths": ["00001*"], "formats": ["png"]}}
+    results(page, "image", "text")
+    answer = http(watched.base, "/api/search", body)
+    assert shown_ids(page) == ids(answer)
+    assert sorted(path_of[i] for i in shown_ids(page)) == ["000011.png", "000015.png", "000019.png"]
+    expect(count).to_have_text("2")
+    expect(page).to_have_url(page_url(watched.base, paths="00001*", formats="png"))
+
+    # The URL keeps them: a reload sends the same filters and fills the panel in.
+    assert sent_by(page, page.reload) == body
+    results(page, "image", "text")
+    expect(count).to_have_text("2")
+    expect(page.locator("#f-paths")).to_have_value("00001*")
+    expect(page.locator('#filters-form input[value="png"]')).to_be_checked()
+
+    # Clear filters: the unfiltered ranking again.
+    page.locator("#filters-toggle").click()
+    assert sent_by(page, page.locator("#filters-clear").click) == sent
+    results(page, "image", "text")
+    assert shown_ids(page)[: sent["k"]] == ids(unfiltered)
+    expect(count).to_be_hidden()
+    expect(page).to_have_url(page_url(watched.base))
+
+    # A date range that ends before it starts: the API's own sentence.
+    page.locator("#f-taken-from").fill("2024-05-01")  # nothing was taken after it: no results
+    expect(page.locator("#empty")).to_be_visible()
+    watched.allowed.append("/api/search")
+    body = sent_by(page, lambda: page.locator("#f-taken-to").fill("2024-01-01"))
+    assert body["filters"] == {"taken": "2024-05-01..2024-01-01"}
+    status, said = http_error(watched.base, "/api/search", body)
+    assert status == 400 and "ends before it starts" in said["error"]
+    expect(page.locator("#error-text")).to_have_text(said["error"])
+    expect(page.locator('#results[data-state="error"]')).to_be_attached()
+    expect(count).to_have_text("1")
+    assert sent_by(page, page.locator("#filters-clear").click) == sent
+    results(page, "image", "text")
+    expect(page.locator("#error")).to_be_hidden()
+    watched.check()
+
+
+def test_a_camera_filter_finds_the_photos_and_the_detail_view_shows_their_metadata(watched, corpus):
+    page = open_page(watched)
+    sent = text_search(page, QUERY)
+    results(page, "image", "text")
+    page.locator("#filters-toggle").click()
+    page.locator("#f-camera").fill("canon eos")
+    body = sent_by(page, lambda: page.locator("#f-camera").press("Enter"))
+    assert body == {**sent, "filters": {"camera": "canon eos"}}
+    results(page, "image", "text")
+    answer = http(watched.base, "/api/search", body)
+    stamped = [path.name for path in sorted(corpus["images"].glob("*.jpg"))[:2]]
+    assert sorted(hit["path"] for hit in answer["hits"]) == stamped and shown_ids(page) == ids(answer)
+
+    page.locator("#results .hit a.open").first.click()
+    expect(page.locator("#detail")).to_have_attribute("data-id", str(ids(answer)[0]))
+    item = http(watched.base, f"/api/items/{ids(answer)[0]}?index={answer['index']}")
+    photo = item["photo"]
+    assert photo["format"] == "JPEG" and photo["taken_at"] == PHOTO["taken_at"]
+    assert photo["gps_lat"] == pytest.approx(PHOTO["gps_lat"], abs=1e-4)
+    expect(page.locator("#detail-taken")).to_have_text("2023-06-14 18:03:51")
+    expect(page.locator("#detail-camera")).to_have_text("Canon EOS R5")
+    expect(page.locator("#detail-format")).to_have_text("JPEG")
+    expect(page.locator("#detail-gps")).to_have_text(f"{photo['gps_lat']:.5f}, {photo['gps_lon']:.5f}")
+    expect(page.locator("#detail-gps-label")).to_have_text("Location")
+
+    # A PNG's header has its format only: the other facts stay hidden.
+    page.keyboard.press("Escape")
+    expect(page.locator("#detail")).to_be_hidden()
+    page.locator("#f-camera").fill("")
+    assert sent_by(page, lambda: page.locator("#f-camera").press("Enter")) == sent
+    body = sent_by(page, page.locator('#filters-form input[value="png"]').check)
+    assert body["filters"] == {"formats": ["png"]}
+    results(page, "image", "text")
+    png = int(page.locator("#results .hit").first.get_attribute("data-id"))
+    page.locator("#results .hit a.open").first.click()
+    expect(page.locator("#detail")).to_have_attribute("data-id", str(png))
+    expect(page.locator("#detail-format")).to_have_text("PNG")
+    expect(page.locator("#detail-taken")).to_be_hidden()
+    expect(page.locator("#detail-camera")).to_be_hidden()
+    expect(page.locator("#detail-gps")).to_be_hidden()
+    watched.check()
+
+
+def test_an_image_query_takes_feedback_chips_as_terms(watched, corpus):
+    page = open_page(watched)
+    image = sorted(corpus["images"].glob("*.png"))[3]
+    dropped = read(image)
+    with page.expect_request(new_search):
+        page.dispatch_event("main", "drop", {"dataTransfer": data_transfer(page, dropped, image.name)})
+    results(page, "image", "image")
+    plain = upload(watched.base, dropped, image.name, to="image", k=30, offset=0)
+    assert shown_ids(page)[:30] == ids(plain)
+    expect(page.locator("#mode")).to_be_disabled()  # a picture: vector only
+
+    less = plain["hits"][1]["id"]
+    with page.expect_request(new_search):  # multipart: Chromium keeps the body to itself
+        page.locator(f'#results .hit[data-id="{less}"] .feedback-less').click()
+    answered(page, query_kind="image", terms=1)
+    expect(page.locator("#query-chip-label")).to_have_text(image.name)  # still the picture's query
+    expect(page.locator(f'#feedback .feedback-chip.is-less[data-id="{less}"]')).to_be_visible()
+    answer = upload(watched.base, dropped, image.name, to="image", k=30, offset=0, hide_duplicates="false",
+                    terms=json.dumps([{"item": less, "weight": -0.5}]))
+    assert shown_ids(page)[:30] == ids(answer) != ids(plain)
+    assert less not in shown_ids(page)
+    watched.check()

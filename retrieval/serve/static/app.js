@@ -1,26 +1,13 @@
 // crossmodal serve: the search page. Plain ES module, no dependencies; talks to the API in
 // retrieval/serve/app.py with relative URLs (so the page also works behind a path prefix).
+// query.js keeps what a search sends besides its words: feedback chips, mode, duplicates, filters.
+
+import { $, el, svgIcon } from "./dom.js";
+import { FEEDBACK_WEIGHT, Feedback, FilterPanel, Options } from "./query.js";
 
 const PAGE_SIZE = 30;
 const THUMB_2X = 512;
 const DETAIL_SIZE = 1024;
-
-const $ = (sel) => document.querySelector(sel);
-const el = (tag, props = {}, ...children) => {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(props)) {
-    if (value === null || value === undefined || value === false) continue;
-    if (key === "class") node.className = value;
-    else if (key === "dataset") Object.assign(node.dataset, value);
-    else if (key === "style") node.style.cssText = value;
-    else if (key in node && typeof value !== "string") node[key] = value;
-    else node.setAttribute(key, value === true ? "" : value);
-  }
-  for (const child of children.flat()) {
-    if (child !== null && child !== undefined && child !== false) node.append(child);
-  }
-  return node;
-};
 
 const state = {
   indexes: [],
@@ -60,6 +47,11 @@ const ui = {
   detail: $("#detail"),
   login: $("#login"),
 };
+
+// What a search sends besides its words or picture (query.js). A chip or an option re-runs it.
+const feedback = new Feedback($("#feedback"), { onRemove: removeFeedback });
+const options = new Options({ onMode: () => rerun({ textOnly: true }), onDuplicates: () => rerun() });
+const filters = new FilterPanel({ onChange: () => rerun() });
 
 // ---------------------------------------------------------------------------------------------
 // HTTP
@@ -205,7 +197,9 @@ function setTarget(target, { run = true } = {}) {
   if (changed && run && state.query) search({ push: true });
 }
 
-function setQuery(query, { push = true } = {}) {
+// A new query (words, a picture, an item) starts without feedback chips, unless the URL has them.
+function setQuery(query, { push = true, keepFeedback = false } = {}) {
+  if (!keepFeedback) feedback.clear();
   if (state.query && state.query.kind === "image" && state.query.url && (!query || query.url !== state.query.url)) {
     URL.revokeObjectURL(state.query.url);
   }
@@ -223,7 +217,37 @@ function setQuery(query, { push = true } = {}) {
     ui.chipImg.removeAttribute("src");
     ui.q.placeholder = "Search by words, or drop / paste an image";
   }
+  options.lock(isTermsQuery());
   if (query) search({ push });
+}
+
+// An image, an item or feedback chips: a query of terms, which ranks by vector only.
+const isTermsQuery = () => Boolean(state.query && (state.query.kind !== "text" || feedback.size));
+
+const hitLabel = (hit) => (hit.kind === "image" ? shortPath(hit.path) || `#${hit.id}` : `“${truncate(hit.text, 40)}”`);
+
+// "More like this" (+1) or "less like this" (-1): the result becomes a chip and a term of the query.
+function addFeedback(hit, sign) {
+  if (!state.query || (state.query.kind === "item" && state.query.id === hit.id)) return;
+  if (!feedback.add({ id: hit.id, thumb: hit.thumb, label: hitLabel(hit) }, sign * FEEDBACK_WEIGHT)) return;
+  closeDetail();
+  options.lock(isTermsQuery());
+  search({ push: true });
+  feedback.removeButton(feedback.indexOf(hit.id))?.focus({ preventScroll: true }); // the results re-render
+}
+
+function removeFeedback(id) {
+  const at = feedback.indexOf(id);
+  if (!feedback.remove(id)) return;
+  options.lock(isTermsQuery());
+  (feedback.removeButton(at) || ui.q).focus({ preventScroll: true }); // the next chip, else the search box
+  if (state.query) search({ push: true });
+}
+
+// An option or a filter changed: the current query again (the mode only matters to a words query).
+function rerun({ textOnly = false } = {}) {
+  if (!state.query || (textOnly && isTermsQuery())) updateUrl(false);
+  else search({ push: true });
 }
 
 function imageQuery(file) {
@@ -233,7 +257,7 @@ function imageQuery(file) {
 }
 
 function itemQuery(hit) {
-  const label = hit.kind === "image" ? `like ${shortPath(hit.path) || `#${hit.id}`}` : `like “${truncate(hit.text, 40)}”`;
+  const label = `like ${hitLabel(hit)}`;
   setQuery({ kind: "item", id: hit.id, thumb: hit.thumb, label });
   window.scrollTo({ top: 0 });
 }
@@ -244,6 +268,9 @@ function updateUrl(push) {
   if (q && q.kind === "text") params.set("q", q.text);
   if (q && q.kind === "item") params.set("item", String(q.id));
   if (q && q.kind !== "image") params.set("to", state.target);
+  options.toParams(params, Boolean(q && q.kind === "text"));
+  filters.toParams(params);
+  if (q && q.kind !== "image") feedback.toParams(params);
   if (state.index && state.indexes.length > 1) params.set("index", state.index);
   const wanted = params.toString() ? `?${params}` : "";
   if (wanted === location.search) return;
@@ -270,25 +297,10 @@ async function search({ append = false, push = false } = {}) {
     ui.spinner.hidden = false;
     ui.loadMore.hidden = true;
   }
-  let options;
-  if (query.kind === "image") {
-    const form = new FormData();
-    form.append("image", query.file, query.file.name || "query");
-    form.append("to", state.target);
-    form.append("k", String(PAGE_SIZE));
-    form.append("offset", String(offset));
-    if (state.index) form.append("index", state.index);
-    options = { method: "POST", body: form };
-  } else {
-    const body = { to: state.target, k: PAGE_SIZE, offset };
-    if (state.index) body.index = state.index;
-    if (query.kind === "text") body.text = query.text;
-    else body.item = query.id;
-    options = { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
-  }
+  const request = searchRequest(query, offset);
   let answer;
   try {
-    answer = await api("api/search", options);
+    answer = await api("api/search", request);
   } catch (error) {
     if (seq !== state.seq) return;
     state.loading = false;
@@ -310,6 +322,34 @@ async function search({ append = false, push = false } = {}) {
   state.hasMore = Boolean(answer.has_more);
   render(answer, hits, append);
   if (!append && query.kind === "item" && !query.thumb) describeItemQuery(query);
+}
+
+// The search request: JSON, or multipart for an uploaded picture. Feedback chips make it a terms
+// query (the query's own term weighs 1); the mode goes with a plain words query only.
+function searchRequest(query, offset) {
+  const more = feedback.asTerms();
+  const filtering = offset === 0 ? filters.current() : filters.sent(); // a next page: the first page's
+  if (query.kind === "image") {
+    const form = new FormData();
+    form.append("image", query.file, query.file.name || "query");
+    form.append("to", state.target);
+    form.append("k", String(PAGE_SIZE));
+    form.append("offset", String(offset));
+    if (state.index) form.append("index", state.index);
+    if (more.length) form.append("terms", JSON.stringify(more));
+    if (filtering) form.append("filters", JSON.stringify(filtering));
+    form.append("hide_duplicates", String(options.hideDuplicates));
+    return { method: "POST", body: form };
+  }
+  const body = { to: state.target, k: PAGE_SIZE, offset };
+  if (state.index) body.index = state.index;
+  const own = query.kind === "text" ? { text: query.text } : { item: query.id };
+  if (more.length) body.terms = [{ ...own, weight: 1 }, ...more];
+  else Object.assign(body, own);
+  if (query.kind === "text" && !more.length) body.mode = options.mode;
+  body.hide_duplicates = options.hideDuplicates;
+  if (filtering) body.filters = filtering;
+  return { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
 }
 
 // An item query from the URL (?item=12) learns its picture and name once the search found it.
@@ -357,6 +397,8 @@ function render(answer, hits, append) {
   ui.results.dataset.state = state.hits.length ? "ready" : "empty";
   ui.results.dataset.to = answer.to;
   ui.results.dataset.queryKind = state.query.kind;
+  ui.results.dataset.terms = String(feedback.size); // feedback chips in the query that answered
+  ui.results.dataset.mode = isTermsQuery() ? "vector" : options.mode;
   ui.results.dataset.count = String(state.hits.length);
   ui.results.removeAttribute("aria-busy");
   ui.empty.hidden = state.hits.length > 0;
@@ -398,7 +440,7 @@ function imageTile(hit, index) {
       el("span", { class: "score", title: "cosine similarity" }, score(hit.score)),
       el("span", { class: "cap" }, caption),
     ),
-    moreButton(hit, index),
+    hitActions(hit, index),
   );
   tile.querySelector("a.open").addEventListener("click", (event) => openFromEvent(event, index));
   return tile;
@@ -426,7 +468,7 @@ function textCard(hit, index) {
         ),
       ),
     ),
-    moreButton(hit, index),
+    hitActions(hit, index),
   );
   card.querySelector("a.open").addEventListener("click", (event) => openFromEvent(event, index));
   return card;
@@ -453,29 +495,28 @@ function thumbImg(hit, alt, size) {
   return img;
 }
 
-function moreButton(hit, index) {
-  const button = el(
-    "button",
-    { type: "button", class: "more-like-this", title: "More like this", "aria-label": `More like result ${hit.rank}` },
-    svgIcon("M12 2l2.4 6.9H22l-6 4.6 2.3 7L12 16.3 5.7 20.5 8 13.5 2 8.9h7.6z"),
-    el("span", {}, "More like this"),
+// "+" and "−" add the result to the query as a chip (relevance feedback); "Similar" starts a new
+// search from it alone.
+function hitActions(hit, index) {
+  const button = (props, children, action) => {
+    const node = el("button", { type: "button", ...props }, ...children);
+    node.addEventListener("click", (event) => {
+      event.stopPropagation();
+      action(state.hits[index] || hit);
+    });
+    return node;
+  };
+  return el(
+    "div",
+    { class: "hit-actions" },
+    button({ class: "feedback-button feedback-more", title: "More like this (adds it to the query)",
+      "aria-label": `More like result ${hit.rank}: add it to the query` }, ["+"], (h) => addFeedback(h, 1)),
+    button({ class: "feedback-button feedback-less", title: "Less like this (adds it to the query)",
+      "aria-label": `Less like result ${hit.rank}: add it to the query` }, ["−"], (h) => addFeedback(h, -1)),
+    button({ class: "more-like-this", title: "A new search for items like this one",
+      "aria-label": `Search for items like result ${hit.rank}` },
+    [svgIcon("M12 2l2.4 6.9H22l-6 4.6 2.3 7L12 16.3 5.7 20.5 8 13.5 2 8.9h7.6z"), el("span", {}, "Similar")], itemQuery),
   );
-  button.addEventListener("click", (event) => {
-    event.stopPropagation();
-    itemQuery(state.hits[index] || hit);
-  });
-  return button;
-}
-
-function svgIcon(d) {
-  const ns = "http://www.w3.org/2000/svg";
-  const svg = document.createElementNS(ns, "svg");
-  svg.setAttribute("viewBox", "0 0 24 24");
-  svg.setAttribute("aria-hidden", "true");
-  const path = document.createElementNS(ns, "path");
-  path.setAttribute("d", d);
-  svg.append(path);
-  return svg;
 }
 
 const score = (s) => (typeof s === "number" ? s.toFixed(3) : "");
@@ -543,8 +584,10 @@ async function openDetail(index) {
   text.textContent = hit.text || "";
   $("#detail-path").textContent = hit.path || "—";
   $("#detail-size").textContent = hit.width && hit.height ? `${hit.width} × ${hit.height} px` : "—";
-  $("#detail-source-label").hidden = true;
-  $("#detail-source").hidden = true;
+  for (const name of ["source", ...PHOTO_FACTS]) showFact(name, "");
+  const own = state.query && state.query.kind === "item" && state.query.id === hit.id;
+  $("#detail-plus").disabled = own; // the query's own item
+  $("#detail-minus").disabled = own;
   fillCaptions((hit.captions || []).map((c) => ({ text: c })), hit);
   const file = $("#detail-file");
   file.hidden = !hit.file;
@@ -562,15 +605,31 @@ async function openDetail(index) {
     const px = item.width && item.height ? `${item.width} × ${item.height} px` : "";
     const bytes = item.size_bytes ? formatBytes(item.size_bytes) : "";
     $("#detail-size").textContent = [px, bytes].filter(Boolean).join(" · ") || "—";
-    if (item.source) {
-      $("#detail-source-label").hidden = false;
-      $("#detail-source").hidden = false;
-      $("#detail-source").textContent = item.source;
-    }
+    showFact("source", item.source || "");
+    showPhoto(item.photo || {});
     fillCaptions(item.captions || [], hit);
   } catch (error) {
     if (seq === detailSeq) showError(error.message);
   }
+}
+
+const PHOTO_FACTS = ["taken", "camera", "format", "gps"];
+
+function showFact(name, text) {
+  $(`#detail-${name}-label`).hidden = !text;
+  $(`#detail-${name}`).hidden = !text;
+  $(`#detail-${name}`).textContent = text;
+}
+
+// What the file's header said (the item's "photo"): only the fields it has.
+function showPhoto(photo) {
+  showFact("taken", photo.taken_at ? photo.taken_at.replace("T", " ") : "");
+  const make = photo.camera_make || "";
+  const model = photo.camera_model || "";
+  showFact("camera", model.toLowerCase().startsWith(make.toLowerCase()) ? model : `${make} ${model}`.trim());
+  showFact("format", photo.format || "");
+  const located = typeof photo.gps_lat === "number" && typeof photo.gps_lon === "number";
+  showFact("gps", located ? `${photo.gps_lat.toFixed(5)}, ${photo.gps_lon.toFixed(5)}` : "");
 }
 
 function fillCaptions(captions, hit) {
@@ -623,6 +682,12 @@ ui.detail.addEventListener("keydown", (event) => {
 $("#detail-close").addEventListener("click", closeDetail);
 $("#detail-prev").addEventListener("click", () => moveDetail(-1));
 $("#detail-next").addEventListener("click", () => moveDetail(1));
+for (const [id, sign] of [["#detail-plus", 1], ["#detail-minus", -1]]) {
+  $(id).addEventListener("click", () => {
+    const hit = state.hits[state.detail];
+    if (hit) addFeedback(hit, sign);
+  });
+}
 $("#detail-more").addEventListener("click", () => {
   const hit = state.hits[state.detail];
   if (!hit) return;
@@ -646,7 +711,9 @@ for (const button of ui.targets) button.addEventListener("click", () => setTarge
 ui.picker.addEventListener("change", () => {
   state.index = ui.picker.value;
   showIndexInfo();
-  if (state.query && state.query.kind === "item") setQuery(null); // item ids belong to one index
+  feedback.clear(); // item ids belong to one index
+  if (state.query && state.query.kind === "item") setQuery(null);
+  options.lock(isTermsQuery());
   if (state.query) search({ push: true });
   else updateUrl(true);
 });
@@ -742,21 +809,40 @@ function resetToWelcome() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// URL state: ?q=words&to=text, ?item=12, &index=name (the back button works)
+// URL state: ?q=words&to=text, ?item=12, &index=name (the back button works); and query.js's
+// &mode=keyword, &hide_duplicates=1, the filters by their API names (&formats=png&taken=A..B),
+// and the feedback chips, &more=ID,ID&less=ID.
 
 function fromUrl() {
   const params = new URLSearchParams(location.search);
   setTarget(params.get("to") || state.target, { run: false });
+  options.setFromParams(params);
+  filters.setFromParams(params);
   const q = params.get("q");
   const item = Number(params.get("item"));
+  const describe = () => feedback.setFromParams(params).forEach(describeFeedback);
   if (q) {
     ui.q.value = q;
-    setQuery({ kind: "text", text: q }, { push: false });
+    describe();
+    setQuery({ kind: "text", text: q }, { push: false, keepFeedback: true });
   } else if (Number.isInteger(item) && item > 0 && params.has("item")) {
-    setQuery({ kind: "item", id: item, thumb: null, label: `like #${item}` }, { push: false });
+    describe();
+    setQuery({ kind: "item", id: item, thumb: null, label: `like #${item}` }, { push: false, keepFeedback: true });
   } else if (state.query && state.query.kind !== "image") {
     setQuery(null, { push: false });
     resetToWelcome();
+  } else if (state.query) {
+    search({ push: false }); // a picture is not in the URL; its options and filters are
+  }
+}
+
+// A chip from the URL learns its picture and name.
+async function describeFeedback(id) {
+  try {
+    const item = await api(withIndex(`api/items/${id}`));
+    feedback.describe(id, { thumb: item.thumb, label: hitLabel(item) });
+  } catch {
+    // the chip keeps its plain label; the search itself says what is wrong with the id
   }
 }
 
