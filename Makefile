@@ -39,6 +39,8 @@ demo: $(STAMP)
 	$(CM) search "a large red circle in the center on a gray background" --index $(DEMO_DIR)/index -k 3
 	@echo; echo '== text -> image: "two shapes: a small blue star and a big yellow square"'
 	$(CM) search "two shapes: a small blue star and a big yellow square" --index $(DEMO_DIR)/index -k 3
+	@echo; echo '== filtered: "a large red circle" among the PNG files only (inside the vector search)'
+	$(CM) search "a large red circle" --type png --index $(DEMO_DIR)/index -k 3
 	@echo; echo '== image -> text:' $(DEMO_DIR)/corpus/test/000000.jpg; cat $(DEMO_DIR)/corpus/test/000000.txt
 	$(CM) search --image $(DEMO_DIR)/corpus/test/000000.jpg --index $(DEMO_DIR)/index -k 3
 	@echo; echo '== image -> text:' $(DEMO_DIR)/corpus/test/000003.png; cat $(DEMO_DIR)/corpus/test/000003.txt
