@@ -15,7 +15,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -323,10 +323,7 @@ class ItemView:
 
 def _meta_values(meta: PhotoMeta | None) -> dict:
     """The items columns of ``meta``; None clears them and marks them never read."""
-    read = meta or PhotoMeta()
-    return dict(format=read.format, taken_at=read.taken_at, camera_make=read.camera_make,
-                camera_model=read.camera_model, orientation=read.orientation, gps_lat=read.gps_lat,
-                gps_lon=read.gps_lon, meta_version=None if meta is None else META_VERSION)
+    return {**asdict(meta or PhotoMeta()), "meta_version": None if meta is None else META_VERSION}  # fields = columns
 
 
 def utc_now() -> str:

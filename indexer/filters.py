@@ -13,7 +13,6 @@ import datetime as dt
 from dataclasses import astuple, dataclass, fields
 
 import numpy as np
-from sqlalchemy import text
 
 from .catalog import Catalog
 from .errors import QueryError
@@ -206,19 +205,26 @@ def filter_sql(filters: Filters, image: str = "i", root: str = "r") -> tuple[str
     return " AND ".join(parts) or "1", params
 
 
+def admitted_images_sql(filters: Filters, image: str = "i", root: str = "r") -> tuple[str, dict]:
+    """A SELECT of the ids of the indexed images ``filters`` admit, and its parameters (for the vector
+    search's ids and as a subquery of the keyword search's)."""
+    condition, params = filter_sql(filters, image, root)
+    roots = f"JOIN roots AS {root} ON {root}.id = {image}.root_id " if filters.paths else ""  # only globs need it
+    return (f"SELECT {image}.id FROM items AS {image} {roots}WHERE {image}.kind = 'image' AND {image}.error IS NULL "
+            f"AND {condition}"), params
+
+
 def filtered_ids(catalog: Catalog, filters: Filters, to: str) -> np.ndarray:
     """The sorted ids of the ``to`` items that ``filters`` admit: images that match, or for ``to="text"``
     the captions of images that match (a text not tied to an image matches no image filter)."""
-    condition, params = filter_sql(filters)
-    roots = "JOIN roots AS r ON r.id = i.root_id " if filters.paths else ""  # only path globs need the root
-    matching = f"SELECT i.id FROM items AS i {roots}WHERE i.kind = 'image' AND i.error IS NULL AND {condition}"
+    matching, params = admitted_images_sql(filters)
     if to == "text":
         matching = f"SELECT c.id FROM items AS c WHERE c.kind = 'caption' AND c.image_id IN ({matching})"
     with catalog.engine.connect() as conn:
         # the DB-API cursor straight into numpy: a million ids as Python rows through SQLAlchemy cost ~1 s
         cursor = conn.connection.dbapi_connection.cursor()
         try:
-            cursor.execute(str(text(matching + " ORDER BY 1").compile(compile_kwargs={})), params)
+            cursor.execute(matching + " ORDER BY 1", params)  # sqlite3 takes the :name parameters as they are
             ids = np.fromiter((row[0] for row in cursor), dtype=np.int64)
         finally:
             cursor.close()

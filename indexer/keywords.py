@@ -12,7 +12,7 @@ import re
 from sqlalchemy import text
 
 from .catalog import Catalog
-from .filters import Filters, filter_sql
+from .filters import Filters, admitted_images_sql
 
 # Words that match nearly every caption: left out of a keyword query unless quoted, so "a dog on a
 # beach" ranks by dog and beach, and the match does not walk every row.
@@ -33,9 +33,6 @@ _TO_TEXT = _MATCH + """
     WHERE i.kind IN ('caption', 'text') {filtered}
     ORDER BY rank, i.id LIMIT :limit
 """
-# The images a filter admits (indexer.filters), for the target image of a match.
-_ADMITTED = ("AND (CASE WHEN i.kind = 'image' THEN i.id ELSE i.image_id END) IN (SELECT f.id FROM items AS f "
-             "JOIN roots AS fr ON fr.id = f.root_id WHERE f.kind = 'image' AND f.error IS NULL AND {condition})")
 
 
 def fts_query(query: str) -> str | None:
@@ -67,8 +64,10 @@ def keyword_matches(catalog: Catalog, query: str, to: str, limit: int,
     params: dict = {"query": expression, "limit": int(limit)}
     filtered = ""
     if filters is not None and filters.active:
-        condition, more = filter_sql(filters, image="f", root="fr")
-        filtered, params = _ADMITTED.format(condition=condition), {**params, **more}
+        admitted, more = admitted_images_sql(filters, image="f", root="fr")
+        # the target image of a match: the image itself, or the image a caption belongs to
+        filtered = f"AND (CASE WHEN i.kind = 'image' THEN i.id ELSE i.image_id END) IN ({admitted})"
+        params = {**params, **more}
     statement = text((_TO_IMAGE if to == "image" else _TO_TEXT).format(filtered=filtered))
     with catalog.engine.connect() as conn:
         rows = conn.execute(statement, params).all()

@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 
 from . import backends
-from .backends import Allowed, Backend, Binary, gpu_count
+from .backends import Allowed, Backend, Binary, as_floats, as_ids, gpu_count
 from .errors import CrossmodalError, VectorFileError
 from .spec import (
     BINARY,
@@ -35,14 +35,6 @@ OPQ_ITERATIONS = 20
 # A filter admitting at most this share of the vectors is searched exactly over just those: the
 # index would visit mostly vectors it must then skip.
 EXACT_SHARE = 0.02
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def _ids(x) -> np.ndarray:
-    return np.ascontiguousarray(x, dtype=np.int64)
 
 
 class VectorStore:
@@ -113,7 +105,7 @@ class VectorStore:
             raise CrossmodalError("internal: resolve an auto spec (indexer.tuning) before training")
         if self.backend is not None:  # trained already (or a kind that does not learn): adding needs no training
             return
-        sample = _unit(sample)
+        sample = as_floats(sample)
         n = n or len(sample)
         need = MIN_TRAIN[self.spec.kind]
         if len(sample) < need:
@@ -126,7 +118,7 @@ class VectorStore:
     # -- changes --------------------------------------------------------------------------------
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add vectors under new ids (replace = :meth:`remove` then add)."""
-        ids, vectors = _ids(ids), _unit(vectors)
+        ids, vectors = as_ids(ids), as_floats(vectors)
         if not len(ids):
             return
         if self.backend is None:
@@ -136,7 +128,7 @@ class VectorStore:
             self.backend.add(ids, vectors)
 
     def remove(self, ids: np.ndarray) -> int:
-        ids = _ids(ids)
+        ids = as_ids(ids)
         if not len(ids):
             return 0
         if self.backend is not None:
@@ -150,7 +142,7 @@ class VectorStore:
 
         This is how a vector file catches up with the catalog after an interrupted run.
         """
-        expected_ids = _ids(expected_ids)
+        expected_ids = as_ids(expected_ids)
         if isinstance(self.backend, backends.HNSW) and len(self.backend.dead):
             self.backend.keep_last_copies()
         held, copies = np.unique(self.ids(), return_counts=True)
@@ -177,7 +169,7 @@ class VectorStore:
         exactly over those vectors. ``settings`` override the spec's search parameters for this call
         (nprobe, ef_search, rerank).
         """
-        queries = _unit(np.atleast_2d(queries))
+        queries = as_floats(np.atleast_2d(queries))
         params = {**self.spec.params, **settings}
         admitted = allowed if allowed is None or isinstance(allowed, Allowed) else Allowed(allowed)
         k = max(1, min(k, len(self) if admitted is None else max(1, len(admitted))))
