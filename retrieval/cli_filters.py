@@ -6,8 +6,6 @@ import functools
 
 import click
 
-FILTER_HELP = "Filters (each narrows the results; repeatable ones are alternatives)"
-
 
 def filter_options(func):
     """Adds the filter options to a command and hands it one ``filters`` argument (None when none is given)."""

@@ -212,9 +212,10 @@ async def _form_query(request: Request, limit: int) -> tuple[str | None, Query]:
     filters = None
     if form.get("filters"):
         try:
-            filters = Filters.from_dict(json.loads(form.get("filters")))
+            raw_filters = json.loads(form.get("filters"))
         except (TypeError, ValueError):
             raise QueryError("filters must be a JSON object such as {\"camera\": \"canon\"}") from None
+        filters = Filters.from_dict(raw_filters)  # says which filter or value is wrong
     return form.get("index") or None, Query(image=data, terms=terms, hide_duplicates=hide, filters=filters,
                                             to=to if isinstance(to, str) else None,
                                             k=number("k", 24), offset=number("offset", 0), settings=settings or None)
