@@ -8,7 +8,6 @@ the same files and model reuses it: the incremental indexer then encodes nothing
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 from indexer import IndexOptions, update_index
 from indexer.encoder import Encoder
 from indexer.errors import SourceError
+from indexer.layout import eval_cache_dir
 from indexer.pairs import read_karpathy
 
 from .evaluate import DEFAULT_KS, Evaluation, evaluate_index
@@ -31,12 +31,11 @@ class BenchmarkRun:
 
 
 def default_eval_index(karpathy_json: Path, split: str, encoder: Encoder) -> Path:
-    """Where a split's index lives by default: ``$CROSSMODAL_CACHE`` or ``~/.cache/crossmodal``."""
+    """Where a split's index lives by default: under :func:`indexer.layout.eval_cache_dir`."""
     identity = encoder.identity
     weights = identity.checkpoint_sha256[:12] if identity.checkpoint_sha256 else identity.pretrained
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{Path(karpathy_json).stem}-{split}-{identity.name}-{weights}")
-    cache = Path(os.environ.get("CROSSMODAL_CACHE", Path.home() / ".cache" / "crossmodal"))
-    return cache / "eval" / name
+    return eval_cache_dir() / name
 
 
 def evaluate_karpathy(karpathy_json: Path, encoder: Encoder, *, images_root: Path | None = None,

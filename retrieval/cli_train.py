@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from indexer.layout import DATA_ENV, data_dir
+
 from .options import domain_errors, json_option
 
 
@@ -16,7 +18,9 @@ def data_group() -> None:
 
 
 @data_group.command("synth")
-@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True, help="Folder to write.")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Folder to write [default: synth-N-seedSEED in the data folder: $CROSSMODAL_DATA, or data/ "
+                   "of the source checkout].")
 @click.option("--n", "n", type=click.IntRange(1), default=2000, show_default=True, help="Number of images.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--test", type=click.IntRange(0), default=None, help="Test images [default: min(1000, n/5)].")
@@ -28,6 +32,13 @@ def synth_cmd(out, n, seed, test, val, size, as_json):
     """Write a deterministic corpus of shape scenes with sidecar captions and a Karpathy JSON."""
     from indexer.synth import write_corpus
 
+    if out is None:
+        data = data_dir()
+        if data is None:
+            raise click.UsageError("no --out given and no data folder to default to (not running from a source "
+                                   f"checkout, and {DATA_ENV} is unset): pass --out DIR")
+        # n and seed in the name so that corpora of other sizes or seeds do not overwrite each other
+        out = data / f"synth-{n}-seed{seed}"
     try:
         summary = write_corpus(out, n, seed, test=test, val=val, side=size)
     except ValueError as exc:
