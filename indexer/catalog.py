@@ -1,9 +1,10 @@
-"""The SQLite catalog: every SQL statement of the project lives here.
+"""The catalog: every SQL statement of the project lives here and in the modules beside it.
 
 The catalog is the source of truth of an index. It holds the model identity and index spec, one
 row per image, caption and text (FAISS ids are these rows' primary keys), and every item's full
 vector, so FAISS files can always be rebuilt or re-synced from it after a crash or a change of
-index kind. The schema is created by append-only migrations recorded in ``schema_version``.
+index kind. It is a SQLite file in the index folder, or a PostgreSQL database for large corpora
+and many writers (:mod:`indexer.dialects`); the schema is :mod:`indexer.schema`, the same on both.
 """
 
 from __future__ import annotations
@@ -12,213 +13,37 @@ import datetime as dt
 import functools
 import json
 import os
-import sqlite3
-import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 import numpy as np
-from sqlalchemy import (
-    ForeignKey,
-    LargeBinary,
-    bindparam,
-    create_engine,
-    delete,
-    event,
-    func,
-    insert,
-    select,
-    text,
-    update,
-)
+from sqlalchemy import bindparam, delete, event, exc, func, insert, inspect, select, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
+from sqlalchemy.orm import Session, aliased
 
-from .errors import CatalogDamaged, SchemaError
+from .dialects import dialect_for
+from .errors import CatalogDamaged, CatalogError, SchemaError
 from .photometa import META_VERSION, PhotoMeta
+from .schema import (
+    SCHEMA_VERSION,
+    STEPS,
+    Base,
+    EvalRunRow,
+    IndexMetaRow,
+    ItemRow,
+    RootRow,
+    SchemaVersion,
+    VectorRow,
+    apply_step,
+    table_columns,
+)
+
+__all__ = ["SCHEMA_VERSION", "Base", "Catalog", "table_columns"]
 
 IMAGE, CAPTION, TEXT = "image", "caption", "text"
 TEXT_KINDS = (CAPTION, TEXT)
 MODALITY_KINDS = {"image": (IMAGE,), "text": TEXT_KINDS}
-
-# Append-only: never edit a released entry, add a new one. Index i brings the schema to version i+1.
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE index_meta (
-        id INTEGER PRIMARY KEY CHECK (id = 1),
-        model_name TEXT NOT NULL,
-        pretrained TEXT NOT NULL,
-        checkpoint_sha256 TEXT,
-        checkpoint_path TEXT,
-        embed_dim INTEGER NOT NULL,
-        open_clip_version TEXT NOT NULL,
-        index_spec TEXT NOT NULL,
-        created_at TEXT NOT NULL
-    );
-    CREATE TABLE roots (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        path TEXT NOT NULL UNIQUE,
-        indexed_at TEXT
-    );
-    CREATE TABLE items (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        kind TEXT NOT NULL CHECK (kind IN ('image', 'caption', 'text')),
-        root_id INTEGER REFERENCES roots(id) ON DELETE CASCADE,
-        path TEXT,
-        size INTEGER,
-        mtime_ns INTEGER,
-        sha256 TEXT,
-        width INTEGER,
-        height INTEGER,
-        text TEXT,
-        image_id INTEGER REFERENCES items(id) ON DELETE CASCADE,
-        origin TEXT,
-        line INTEGER,
-        error TEXT,
-        updated_at TEXT NOT NULL
-    );
-    CREATE UNIQUE INDEX ix_items_image_path ON items (root_id, path) WHERE kind = 'image';
-    CREATE INDEX ix_items_sha256 ON items (kind, sha256);
-    CREATE INDEX ix_items_image_id ON items (image_id);
-    CREATE INDEX ix_items_origin ON items (root_id, origin);
-    CREATE TABLE vectors (
-        item_id INTEGER PRIMARY KEY REFERENCES items(id) ON DELETE CASCADE,
-        data BLOB NOT NULL
-    );
-    """,
-    # v2: saved evaluation runs (crossmodal eval --save-run / --history)
-    """
-    CREATE TABLE eval_runs (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        created_at TEXT NOT NULL,
-        model TEXT NOT NULL,
-        index_spec TEXT NOT NULL,
-        source TEXT NOT NULL,
-        result TEXT NOT NULL
-    );
-    """,
-    # v3: what a skip depended on (retried when that changes) and library warnings per file
-    """
-    ALTER TABLE items ADD COLUMN skip_info TEXT;
-    ALTER TABLE items ADD COLUMN warnings TEXT;
-    """,
-    # v4: keyword search (FTS5): the words of each caption and text, and of each image's path under
-    # its root (file and folder names); kept in step with items by triggers. rowid = items.id.
-    """
-    CREATE VIRTUAL TABLE item_words USING fts5(words, tokenize = 'unicode61 remove_diacritics 2');
-    INSERT INTO item_words (rowid, words)
-        SELECT id, CASE WHEN kind = 'image' THEN path ELSE text END FROM items WHERE error IS NULL;
-    CREATE TRIGGER item_words_insert AFTER INSERT ON items WHEN new.error IS NULL BEGIN
-        INSERT INTO item_words (rowid, words) VALUES (new.id, CASE WHEN new.kind = 'image' THEN new.path
-                                                                   ELSE new.text END);
-    END;
-    CREATE TRIGGER item_words_delete AFTER DELETE ON items BEGIN
-        DELETE FROM item_words WHERE rowid = old.id;
-    END;
-    CREATE TRIGGER item_words_update AFTER UPDATE OF path, text, error ON items BEGIN
-        DELETE FROM item_words WHERE rowid = old.id;
-        INSERT INTO item_words (rowid, words) SELECT new.id, CASE WHEN new.kind = 'image' THEN new.path
-                                                                  ELSE new.text END WHERE new.error IS NULL;
-    END;
-    """,
-    # v5: photo metadata from each image's header (indexer.photometa), for filters; meta_version NULL:
-    # never read (rows indexed before v5 are read by the next index run without being encoded again).
-    """
-    ALTER TABLE items ADD COLUMN format TEXT;
-    ALTER TABLE items ADD COLUMN taken_at TEXT;
-    ALTER TABLE items ADD COLUMN camera_make TEXT;
-    ALTER TABLE items ADD COLUMN camera_model TEXT;
-    ALTER TABLE items ADD COLUMN orientation INTEGER;
-    ALTER TABLE items ADD COLUMN gps_lat REAL;
-    ALTER TABLE items ADD COLUMN gps_lon REAL;
-    ALTER TABLE items ADD COLUMN meta_version INTEGER;
-    CREATE INDEX ix_items_taken_at ON items (taken_at);
-    """,
-)
-SCHEMA_VERSION = len(MIGRATIONS)
-
-# SQLite's primary result codes for a file that is not (or no longer) a sound database.
-SQLITE_CORRUPT, SQLITE_NOTADB = 11, 26
-# Python before 3.11 gives no result code, only the message; a text column that is not UTF-8 can only
-# come from damage, since the catalog stores undecodable file names escaped.
-DAMAGE_MESSAGES = ("file is not a database", "database disk image is malformed", "could not decode to utf-8")
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class SchemaVersion(Base):
-    __tablename__ = "schema_version"
-    version: Mapped[int] = mapped_column(primary_key=True)
-    applied_at: Mapped[str]
-
-
-class IndexMetaRow(Base):
-    __tablename__ = "index_meta"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    model_name: Mapped[str]
-    pretrained: Mapped[str]
-    checkpoint_sha256: Mapped[str | None]
-    checkpoint_path: Mapped[str | None]
-    embed_dim: Mapped[int]
-    open_clip_version: Mapped[str]
-    index_spec: Mapped[str]
-    created_at: Mapped[str]
-
-
-class RootRow(Base):
-    __tablename__ = "roots"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    path: Mapped[str]
-    indexed_at: Mapped[str | None]
-
-
-class ItemRow(Base):
-    __tablename__ = "items"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    kind: Mapped[str]
-    root_id: Mapped[int | None] = mapped_column(ForeignKey("roots.id"))
-    path: Mapped[str | None]
-    size: Mapped[int | None]
-    mtime_ns: Mapped[int | None]
-    sha256: Mapped[str | None]
-    width: Mapped[int | None]
-    height: Mapped[int | None]
-    text: Mapped[str | None]
-    image_id: Mapped[int | None] = mapped_column(ForeignKey("items.id"))
-    origin: Mapped[str | None]
-    line: Mapped[int | None]
-    error: Mapped[str | None]
-    updated_at: Mapped[str]
-    skip_info: Mapped[str | None]  # JSON: the settings and versions a skip depended on
-    warnings: Mapped[str | None]  # what the image libraries said while decoding, one per line
-    format: Mapped[str | None]  # the rest: indexer.photometa.PhotoMeta's fields, as read from the header
-    taken_at: Mapped[str | None]  # ISO 'YYYY-MM-DDTHH:MM:SS', the camera's local time
-    camera_make: Mapped[str | None]
-    camera_model: Mapped[str | None]
-    orientation: Mapped[int | None]
-    gps_lat: Mapped[float | None]
-    gps_lon: Mapped[float | None]
-    meta_version: Mapped[int | None]  # photometa.META_VERSION that read them; NULL: never read
-
-
-class VectorRow(Base):
-    __tablename__ = "vectors"
-    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), primary_key=True)
-    data: Mapped[bytes] = mapped_column(LargeBinary)
-
-
-class EvalRunRow(Base):
-    __tablename__ = "eval_runs"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    created_at: Mapped[str]
-    model: Mapped[str]
-    index_spec: Mapped[str]
-    source: Mapped[str]
-    result: Mapped[str]  # the evaluation as JSON
 
 
 @dataclass(frozen=True)
@@ -341,42 +166,58 @@ def _chunks(values: Sequence, size: int = 900) -> Iterator[Sequence]:
 
 
 class Catalog:
-    """One SQLite file. Each public method is one transaction."""
+    """A SQLite file (a path) or a PostgreSQL database (a ``postgresql://`` URL). Each public method is one
+    transaction."""
 
-    def __init__(self, path: Path, read_only: bool = False):
-        """``read_only`` opens the file so that nothing can write it (a server): the schema must be current."""
-        self.path = Path(path)
+    def __init__(self, location: Path | str, read_only: bool = False):
+        """``read_only`` opens the catalog so that nothing can write it (a server): the schema must be current."""
+        self.dialect = dialect_for(location, read_only)
+        self.where = self.dialect.where  # for messages (a URL without its password)
+        self.path = Path(location) if self.dialect.name == "sqlite" else None
         self.read_only = read_only
-        url = f"sqlite:///{_read_only_uri(self.path)}&uri=true" if read_only else f"sqlite:///{self.path}"
-        self.engine: Engine = create_engine(url, future=True)
-        event.listen(self.engine, "connect", _configure_read_only if read_only else _configure_connection)
-        event.listen(self.engine, "handle_error", self._raise_if_damaged)
-        self._watch: sqlite3.Connection | None = None
-        self._watch_lock = threading.Lock()
-        self._migrate()
+        self.engine: Engine = self.dialect.make_engine()
+        event.listen(self.engine, "handle_error", self._translate_error)
+        try:
+            self._migrate()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def concurrent_writers(self) -> bool:
+        """Whether several processes may write this catalog at once (PostgreSQL), not one at a time (SQLite)."""
+        return self.dialect.concurrent_writers
 
     def close(self) -> None:
         self.engine.dispose()
-        if self._watch is not None:
-            self._watch.close()
+        self.dialect.close()
 
     def change_counter(self) -> int:
-        """A number that changes whenever another connection commits (SQLite's ``PRAGMA data_version``).
+        """A number that changes whenever another connection commits a change (searchers reload then)."""
+        return self.dialect.change_counter(self.engine)
 
-        It is kept per connection, so one connection is held open for it alone.
-        """
-        with self._watch_lock:
-            if self._watch is None:
-                self._watch = sqlite3.connect(_read_only_uri(self.path), uri=True, check_same_thread=False)
-            return self._watch.execute("PRAGMA data_version").fetchone()[0]
+    def lock(self, name: str, shared: bool = False, wait: bool = False):
+        """A named lock among the processes that write this catalog, or None where the index folder's own
+        lock serialises them (SQLite). IndexLocked if it is taken and not ``wait``."""
+        return self.dialect.lock(self.engine, name, shared, wait)
 
-    def _raise_if_damaged(self, context) -> None:
-        """Every statement's error passes here (connecting too): damage becomes one typed error."""
-        if is_damage(context.original_exception):
-            raise CatalogDamaged(self.path, [str(context.original_exception)]) from None
+    def _translate_error(self, context) -> None:
+        """Every statement's error passes here (connecting too): the database's trouble becomes one typed,
+        one-line error; a bug in our SQL keeps its traceback."""
+        original = context.original_exception
+        if self.dialect.is_damage(original):
+            raise CatalogDamaged(self.where, [str(original)]) from None
+        if isinstance(context.sqlalchemy_exception, exc.OperationalError):  # disk full, read-only, server gone
+            said = str(original).strip().splitlines()[0] if str(original).strip() else type(original).__name__
+            raise CatalogError(f"the catalog {self.where} could not be read or written: {said}; what was committed "
+                               "before is kept. Fix that (free space, a writable index folder, a reachable "
+                               "server), then run the same command again") from None
 
     def quick_check(self, limit: int = 5) -> list[str]:
-        """The first ``limit`` problems SQLite's ``PRAGMA quick_check`` finds (every page and row); [] if none."""
+        """The first ``limit`` problems SQLite's ``PRAGMA quick_check`` finds (every page and row); [] if none.
+        A PostgreSQL server keeps its own files sound: nothing to check from here."""
+        if self.dialect.name != "sqlite":
+            return []
         try:
             return self._quick_check(str(int(limit)))[:limit]
         except CatalogDamaged as whole:
@@ -407,39 +248,36 @@ class Catalog:
 
     # -- schema -------------------------------------------------------------------------------
     def _migrate(self) -> None:
-        """Bring the schema up to date; older index files are upgraded in place, newer ones refused."""
-        with self.engine.connect() as conn:
-            # Read first: a searcher opening an up-to-date index must not need to write to it.
-            exists = conn.exec_driver_sql(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'").first()
-            current = (conn.execute(select(func.max(SchemaVersion.version))).scalar() or 0) if exists else 0
+        """Bring the schema up to date; older catalogs are upgraded in place, newer ones refused."""
+        current = self._version()  # read first: a searcher opening an up-to-date index must not need to write
         if current == SCHEMA_VERSION:
             return
+        self._refuse(current)
+        with self.engine.connect() as conn:
+            self.dialect.begin_migration(conn)  # one process migrates, the others wait and find it done
+            SchemaVersion.__table__.create(conn, checkfirst=True)
+            current = conn.scalar(select(func.max(SchemaVersion.version))) or 0
+            self._refuse(current)
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                step = STEPS[version - 1]
+                apply_step(conn, step)
+                self.dialect.after_step(conn, step.name)
+                conn.execute(insert(SchemaVersion).values(version=version, applied_at=utc_now()))
+            conn.commit()
+
+    def _version(self) -> int:
+        with self.engine.connect() as conn:
+            if not inspect(conn).has_table("schema_version"):
+                return 0
+            return conn.scalar(select(func.max(SchemaVersion.version))) or 0
+
+    def _refuse(self, current: int) -> None:
         if self.read_only and current < SCHEMA_VERSION:
-            raise SchemaError(f"{self.path} has schema version {current}, older than this crossmodal's "
+            raise SchemaError(f"{self.where} has schema version {current}, older than this crossmodal's "
                               f"({SCHEMA_VERSION}); run `crossmodal verify` once to upgrade it in place")
         if current > SCHEMA_VERSION:
-            raise SchemaError(
-                f"{self.path} has schema version {current}, newer than this crossmodal understands "
-                f"({SCHEMA_VERSION}); upgrade crossmodal-search"
-            )
-        with self.engine.begin() as conn:
-            conn.exec_driver_sql(
-                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
-            )
-        for version in range(current + 1, SCHEMA_VERSION + 1):
-            raw = self.engine.raw_connection()
-            try:
-                # executescript commits on its own; wrap it so a version is recorded with its DDL.
-                record = f"INSERT INTO schema_version VALUES ({version}, '{utc_now()}')"
-                script = f"BEGIN; {MIGRATIONS[version - 1]}; {record}; COMMIT;"
-                raw.driver_connection.executescript(script)
-            except sqlite3.DatabaseError as exc:  # the raw connection bypasses handle_error
-                if is_damage(exc):
-                    raise CatalogDamaged(self.path, [str(exc)]) from None
-                raise
-            finally:
-                raw.close()
+            raise SchemaError(f"{self.where} has schema version {current}, newer than this crossmodal understands "
+                              f"({SCHEMA_VERSION}); upgrade crossmodal-search")
 
     def schema_version(self) -> int:
         with Session(self.engine) as s:
@@ -466,11 +304,18 @@ class Catalog:
     # -- roots --------------------------------------------------------------------------------
     def root_id(self, root: Path) -> int:
         key = str(root)
-        with Session(self.engine) as s, s.begin():
-            found = s.scalar(select(RootRow.id).where(RootRow.path == key))
-            if found is not None:
-                return found
-            return s.scalar(insert(RootRow).values(path=key).returning(RootRow.id))
+        found = self._root(key)
+        if found is not None:
+            return found
+        try:
+            with Session(self.engine) as s, s.begin():
+                return s.scalar(insert(RootRow).values(path=key).returning(RootRow.id))
+        except exc.IntegrityError:  # another writer added it meanwhile (PostgreSQL): theirs is ours
+            return self._root(key)
+
+    def _root(self, key: str) -> int | None:
+        with Session(self.engine) as s:
+            return s.scalar(select(RootRow.id).where(RootRow.path == key))
 
     def mark_root_indexed(self, root_id: int) -> None:
         with Session(self.engine) as s, s.begin():
@@ -491,23 +336,39 @@ class Catalog:
 
     def write_images(self, root_id: int, writes: Sequence[ImageWrite]) -> list[int]:
         """Insert or overwrite image rows and their vectors; returns the ids in order."""
-        ids: list[int] = []
         now = utc_now()
+
+        def values(w: ImageWrite) -> dict:
+            return dict(kind=IMAGE, root_id=root_id, path=w.rel, size=w.size, mtime_ns=w.mtime_ns,
+                        sha256=w.sha256, width=w.width, height=w.height, error=w.error, updated_at=now,
+                        skip_info=w.skip_info, warnings=w.warnings, text=None, image_id=None, origin=None,
+                        line=None, **_meta_values(w.meta))
+
+        new = [w for w in writes if w.id is None]
+        old = [w for w in writes if w.id is not None]
         with Session(self.engine) as s, s.begin():
-            for w in writes:
-                values = dict(kind=IMAGE, root_id=root_id, path=w.rel, size=w.size, mtime_ns=w.mtime_ns,
-                              sha256=w.sha256, width=w.width, height=w.height, error=w.error, updated_at=now,
-                              skip_info=w.skip_info, warnings=w.warnings, **_meta_values(w.meta))
-                if w.id is None:
-                    item_id = s.scalar(insert(ItemRow).values(**values).returning(ItemRow.id))
-                else:
-                    item_id = w.id
-                    s.execute(update(ItemRow).where(ItemRow.id == item_id).values(**values))
-                    s.execute(delete(VectorRow).where(VectorRow.item_id == item_id))
-                if w.vector is not None:
-                    s.execute(insert(VectorRow).values(item_id=item_id, data=_blob(w.vector)))
-                ids.append(item_id)
+            new_ids = self._insert_items(s, [values(w) for w in new])
+            if old:
+                s.execute(update(ItemRow), [{"id": w.id, **values(w)} for w in old])  # executemany by primary key
+                for chunk in _chunks([w.id for w in old]):
+                    s.execute(delete(VectorRow).where(VectorRow.item_id.in_(chunk)))
+            ids_of = dict(zip(map(id, new), new_ids))
+            ids = [ids_of[id(w)] if w.id is None else w.id for w in writes]
+            self._insert_vectors(s, [(i, w.vector) for i, w in zip(ids, writes) if w.vector is not None])
         return ids
+
+    @staticmethod
+    def _insert_items(s: Session, rows: list[dict]) -> list[int]:
+        """Insert rows in as few statements as the database allows; their ids in the order given."""
+        if not rows:
+            return []
+        statement = insert(ItemRow).returning(ItemRow.id, sort_by_parameter_order=True)
+        return list(s.scalars(statement, rows))
+
+    @staticmethod
+    def _insert_vectors(s: Session, pairs: list[tuple[int, np.ndarray]]) -> None:
+        if pairs:
+            s.execute(insert(VectorRow), [{"item_id": int(i), "data": _blob(v)} for i, v in pairs])
 
     def update_image_files(self, changes: Iterable[tuple[int, str, int, int]]) -> None:
         """Record a new path/size/mtime for images whose content is unchanged (touched or moved)."""
@@ -560,15 +421,12 @@ class Catalog:
             return [TextState(*row) for row in s.execute(q)]
 
     def write_texts(self, root_id: int, writes: Sequence[TextWrite]) -> list[int]:
-        ids = []
         now = utc_now()
+        rows = [dict(kind=w.kind, root_id=root_id, text=w.text, sha256=w.sha256, origin=w.origin, line=w.line,
+                     image_id=w.image_id, updated_at=now) for w in writes]
         with Session(self.engine) as s, s.begin():
-            for w in writes:
-                item_id = s.scalar(insert(ItemRow).values(
-                    kind=w.kind, root_id=root_id, text=w.text, sha256=w.sha256, origin=w.origin, line=w.line,
-                    image_id=w.image_id, updated_at=now).returning(ItemRow.id))
-                s.execute(insert(VectorRow).values(item_id=item_id, data=_blob(w.vector)))
-                ids.append(item_id)
+            ids = self._insert_items(s, rows)
+            self._insert_vectors(s, [(i, w.vector) for i, w in zip(ids, writes)])
         return ids
 
     # -- vectors ------------------------------------------------------------------------------
@@ -598,7 +456,7 @@ class Catalog:
         for row, item_id in enumerate(ids):
             blob = found.get(int(item_id)) if not strict else found[int(item_id)]
             if blob is not None and len(blob) != dim * 4:  # a row SQLite read back but damage changed
-                raise CatalogDamaged(self.path, [f"the vector of item {item_id} has {len(blob)} bytes, not {dim * 4}"])
+                raise CatalogDamaged(self.where, [f"the vector of item {item_id} has {len(blob)} bytes, not {dim * 4}"])
             out[row] = np.nan if blob is None else np.frombuffer(blob, dtype=np.float32)
         return out
 
@@ -694,46 +552,7 @@ def _captions_query():
             .order_by(ItemRow.id))
 
 
-def is_damage(exc: BaseException) -> bool:
-    """Whether a DB-API error says the file is not a sound SQLite database (not: locked, full, read-only)."""
-    if not isinstance(exc, sqlite3.DatabaseError):
-        return False
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None and (code & 0xFF) in (SQLITE_CORRUPT, SQLITE_NOTADB):  # extended codes too
-        return True
-    return any(message in str(exc).lower() for message in DAMAGE_MESSAGES)
-
-
 def _absolute(root: str, rel: str) -> str:
     # Imported embeddings may name their images by URL (or absolute path, which join keeps as is).
     # os.path, not pathlib: searches build one per hit, and Path() was half of looking items up.
     return rel if "://" in rel else os.path.join(root, rel)
-
-
-def _configure_connection(dbapi_connection, _record) -> None:
-    cursor = dbapi_connection.cursor()
-    # WAL lets searches read the last committed state while an indexer writes.
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.close()
-
-
-def _read_only_uri(path: Path) -> str:
-    return f"file:{quote(str(path.absolute()))}?mode=ro"
-
-
-def _configure_read_only(dbapi_connection, _record) -> None:
-    # No journal_mode here: setting it is a write. WAL readers still see every commit (the folder must be
-    # writable for SQLite's -shm file, or the index must be closed by its writers).
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.close()
-
-
-def table_columns(engine: Engine, table: str) -> list[str]:
-    """Column names as the database has them (used to check the models match the migrations)."""
-    with engine.connect() as conn:
-        return [row[1] for row in conn.execute(text(f"PRAGMA table_info({table})"))]

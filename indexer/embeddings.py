@@ -151,6 +151,7 @@ def import_embeddings(source: Path, index_dir: Path, identity: ModelIdentity, sp
             images.setdefault(place(pair.image_path), pair.image_vector)
     with IndexStore.open_for_writing(Path(index_dir), identity, spec) as store:
         catalog = store.catalog
+        store.lock_root(source)
         vectors = {m: store.load_vectors(m)[0] for m in MODALITIES}
         root_id = catalog.root_id(source)
         known = catalog.image_states(root_id)

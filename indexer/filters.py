@@ -154,8 +154,9 @@ def _local_ns(moment: str) -> int:
     return int(dt.datetime.fromisoformat(moment).timestamp() * 1e9)
 
 
-def filter_sql(filters: Filters, image: str = "i", root: str = "r") -> tuple[str, dict]:
-    """A SQL condition on an image row ``image`` joined to its root ``root``, and its parameters."""
+def filter_sql(filters: Filters, dialect, image: str = "i", root: str = "r") -> tuple[str, dict]:
+    """A SQL condition on an image row ``image`` joined to its root ``root``, and its parameters, in the
+    catalog's ``dialect`` (:mod:`indexer.dialects`: globs and substrings are spelt differently)."""
     parts: list[str] = []
     params: dict = {}
     if filters.paths:
@@ -163,10 +164,10 @@ def filter_sql(filters: Filters, image: str = "i", root: str = "r") -> tuple[str
         for n, pattern in enumerate(filters.paths):
             globs = [pattern] if any(c in pattern for c in "*?[") else [pattern.rstrip("/"), pattern.rstrip("/") + "/*"]
             for m, glob in enumerate(globs):  # a plain name: that file, or everything under that folder
-                params[f"path{n}_{m}"] = glob
-                alternatives.append(f"{image}.path GLOB :path{n}_{m}")
+                params[f"path{n}_{m}"] = dialect.glob_value(glob)
+                alternatives.append(dialect.glob(f"{image}.path", f"path{n}_{m}"))
                 if glob.startswith(("/", "*", "?", "[")):  # may name the root too: match the absolute path
-                    alternatives.append(f"({root}.path || '/' || {image}.path) GLOB :path{n}_{m}")
+                    alternatives.append(dialect.glob(f"({root}.path || '/' || {image}.path)", f"path{n}_{m}"))
         parts.append("(" + " OR ".join(alternatives) + ")")
     if filters.formats:
         names = ", ".join(f":format{n}" for n in range(len(filters.formats)))
@@ -183,8 +184,8 @@ def filter_sql(filters: Filters, image: str = "i", root: str = "r") -> tuple[str
                 params[f"{name}_to"] = convert(bounds[1]) + (999_999_999 if name == "modified" else "")
     if filters.camera:
         for n, word in enumerate(filters.camera.lower().split()):
-            parts.append(f"instr(lower(coalesce({image}.camera_make, '') || ' ' || coalesce({image}.camera_model, '')),"
-                         f" :camera{n}) > 0")
+            maker = f"lower(coalesce({image}.camera_make, '') || ' ' || coalesce({image}.camera_model, ''))"
+            parts.append(dialect.contains(maker, f"camera{n}"))
             params[f"camera{n}"] = word
     for name in ("min_width", "min_height"):
         if getattr(filters, name) is not None:
@@ -202,13 +203,13 @@ def filter_sql(filters: Filters, image: str = "i", root: str = "r") -> tuple[str
         parts.append(f"{image}.gps_lat BETWEEN :south AND :north")
         parts.append(f"{image}.gps_lon BETWEEN :west AND :east" if west <= east else
                      f"({image}.gps_lon >= :west OR {image}.gps_lon <= :east)")
-    return " AND ".join(parts) or "1", params
+    return " AND ".join(parts) or "1 = 1", params
 
 
-def admitted_images_sql(filters: Filters, image: str = "i", root: str = "r") -> tuple[str, dict]:
+def admitted_images_sql(filters: Filters, dialect, image: str = "i", root: str = "r") -> tuple[str, dict]:
     """A SELECT of the ids of the indexed images ``filters`` admit, and its parameters (for the vector
     search's ids and as a subquery of the keyword search's)."""
-    condition, params = filter_sql(filters, image, root)
+    condition, params = filter_sql(filters, dialect, image, root)
     roots = f"JOIN roots AS {root} ON {root}.id = {image}.root_id " if filters.paths else ""  # only globs need it
     return (f"SELECT {image}.id FROM items AS {image} {roots}WHERE {image}.kind = 'image' AND {image}.error IS NULL "
             f"AND {condition}"), params
@@ -217,15 +218,8 @@ def admitted_images_sql(filters: Filters, image: str = "i", root: str = "r") -> 
 def filtered_ids(catalog: Catalog, filters: Filters, to: str) -> np.ndarray:
     """The sorted ids of the ``to`` items that ``filters`` admit: images that match, or for ``to="text"``
     the captions of images that match (a text not tied to an image matches no image filter)."""
-    matching, params = admitted_images_sql(filters)
+    matching, params = admitted_images_sql(filters, catalog.dialect)
     if to == "text":
         matching = f"SELECT c.id FROM items AS c WHERE c.kind = 'caption' AND c.image_id IN ({matching})"
     with catalog.engine.connect() as conn:
-        # the DB-API cursor straight into numpy: a million ids as Python rows through SQLAlchemy cost ~1 s
-        cursor = conn.connection.dbapi_connection.cursor()
-        try:
-            cursor.execute(matching + " ORDER BY 1", params)  # sqlite3 takes the :name parameters as they are
-            ids = np.fromiter((row[0] for row in cursor), dtype=np.int64)
-        finally:
-            cursor.close()
-    return ids
+        return catalog.dialect.fetch_ids(conn, matching + " ORDER BY 1", params)

@@ -212,6 +212,7 @@ def update_index(root: Path, index_dir: Path, encoder: Encoder, options: IndexOp
     with IndexStore.open_for_writing(Path(index_dir), encoder.identity, options.spec) as store:
         run = _Run(store, encoder, options, summary, problems)
         restore_interrupts = _stop_after_batch(run)
+        store.lock_root(root)
         root_id = store.catalog.root_id(root)
         try:
             with run.timer.stage("load"):

@@ -10,6 +10,7 @@ import fcntl
 import functools
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,8 +21,11 @@ from .catalog import Catalog, IndexMeta, utc_now
 from .errors import CatalogDamaged, CrossmodalError, IndexLocked, IndexNotFound, VectorFileError
 from .identity import ModelIdentity
 from .layout import CATALOG_FILE, LOCK_FILE, MODALITIES
+from .location import bind_catalog, bound_catalog, catalog_location
 from .spec import IndexSpec
 from .vectors import StaleVectorFile, VectorStore
+
+WRITERS = "writers"  # the advisory lock every writer shares and reindex/verify take alone
 
 if TYPE_CHECKING:  # the encoder module imports torch: only the functions that load a model import it
     from .encoder import Encoder
@@ -41,12 +45,19 @@ def identity_from_meta(meta: IndexMeta) -> ModelIdentity:
 
 
 class IndexStore:
-    """Open with :meth:`open` (read) or :meth:`open_for_writing` (exclusive, creates if needed)."""
+    """Open with :meth:`open` (read) or :meth:`open_for_writing` (creates if needed).
 
-    def __init__(self, directory: Path, catalog: Catalog, lock_fd: int | None = None):
+    Writers: with a SQLite catalog one process at a time holds the folder's lock; with a PostgreSQL
+    catalog many index at once (one per root), each holding advisory locks in the database, and only
+    ``reindex``/``verify`` (:meth:`open_locked`) have the catalog to themselves.
+    """
+
+    def __init__(self, directory: Path, catalog: Catalog, lock_fd: int | None = None, locks: tuple = ()):
         self.directory = directory
         self.catalog = catalog
         self._lock_fd = lock_fd
+        self._locks = list(locks)  # PostgreSQL advisory locks held while this store is open
+        self.writable = lock_fd is not None or bool(locks)
         self.created = False  # by this open_for_writing: a refused first run leaves no model or type behind
 
     # -- opening ------------------------------------------------------------------------------
@@ -54,15 +65,19 @@ class IndexStore:
     def open(cls, directory: Path, read_only: bool = False) -> IndexStore:
         """An existing index for reading; ``read_only`` also makes its catalog unwritable (a server)."""
         directory = Path(directory)
-        if not (directory / CATALOG_FILE).is_file():
+        location = catalog_location(directory)
+        if isinstance(location, Path) and not location.is_file():
             raise IndexNotFound(
                 f"no index at {directory}: build one with `crossmodal index FOLDER --index {directory}` "
                 "(or set CROSSMODAL_INDEX)"
             )
-        store = cls(directory, Catalog(directory / CATALOG_FILE, read_only))
+        store = cls(directory, Catalog(location, read_only))
         try:
             if store.catalog.meta() is None:
                 store._refuse_orphaned_vector_files()
+                if isinstance(location, str) and bound_catalog(directory) is None:  # only $CROSSMODAL_CATALOG
+                    raise IndexNotFound(f"no index at {directory}: build one with `crossmodal index FOLDER "
+                                        f"--index {directory}`")
                 raise IndexNotFound(f"the index at {directory} is empty: no run has finished writing its model yet")
         except BaseException:
             store.close()
@@ -81,41 +96,75 @@ class IndexStore:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CrossmodalError(f"cannot create index directory {directory}: {exc.strerror or exc}") from exc
-        lock_fd = _acquire_lock(directory)
+        store = cls._writer(directory, exclusive=False)
         try:
-            store = cls(directory, Catalog(directory / CATALOG_FILE), lock_fd)
-            meta = store.catalog.meta()
-            if meta is None:
-                store._refuse_orphaned_vector_files()
-                store.catalog.set_meta(IndexMeta(
-                    identity.name, identity.pretrained, identity.checkpoint_sha256, identity.checkpoint_path,
-                    identity.embed_dim, identity.open_clip_version, (spec or IndexSpec()).to_json(), utc_now()))
-                store.created = True
-            else:
-                identity_from_meta(meta).require_same(identity, f"add to the index at {directory}")
-                _require_same_kind(IndexSpec.from_json(meta.index_spec), spec, directory)
-                if identity.checkpoint_path and identity.checkpoint_path != meta.checkpoint_path:
-                    # Same weights found at a new place: remember it so search can load them again.
-                    store.catalog.set_meta(IndexMeta(**{**meta.__dict__, "checkpoint_path": identity.checkpoint_path}))
+            setup = store.catalog.lock("setup", wait=True)  # the first writers of a new catalog: one creates it
+            try:
+                store._set_up(identity, spec)
+            finally:
+                if setup is not None:
+                    setup.release()
         except BaseException:
-            os.close(lock_fd)
+            store.close()
             raise
         return store
 
+    def _set_up(self, identity: ModelIdentity, spec: IndexSpec | None) -> None:
+        meta = self.catalog.meta()
+        if meta is None:
+            self._refuse_orphaned_vector_files()
+            self.catalog.set_meta(IndexMeta(
+                identity.name, identity.pretrained, identity.checkpoint_sha256, identity.checkpoint_path,
+                identity.embed_dim, identity.open_clip_version, (spec or IndexSpec()).to_json(), utc_now()))
+            self.created = True
+            return
+        identity_from_meta(meta).require_same(identity, f"add to the index at {self.directory}")
+        _require_same_kind(IndexSpec.from_json(meta.index_spec), spec, self.directory)
+        if identity.checkpoint_path and identity.checkpoint_path != meta.checkpoint_path:
+            # Same weights found at a new place: remember it so search can load them again.
+            self.catalog.set_meta(IndexMeta(**{**meta.__dict__, "checkpoint_path": identity.checkpoint_path}))
+
     @classmethod
     def open_locked(cls, directory: Path) -> IndexStore:
-        """An existing index, locked for writing without a model (reindex, verify)."""
+        """An existing index, locked for writing without a model (reindex, verify): no other writer at all."""
         directory = Path(directory)
         cls.open(directory).close()  # the same clear errors for a missing or empty index
-        lock_fd = _acquire_lock(directory)
-        return cls(directory, Catalog(directory / CATALOG_FILE), lock_fd)
+        return cls._writer(directory, exclusive=True)
+
+    @classmethod
+    def _writer(cls, directory: Path, exclusive: bool) -> IndexStore:
+        location = catalog_location(directory)
+        if isinstance(location, Path):  # SQLite: the folder's lock, for the whole run
+            lock_fd = _acquire_lock(directory)
+            try:
+                return cls(directory, Catalog(location), lock_fd)
+            except BaseException:
+                os.close(lock_fd)
+                raise
+        catalog = Catalog(location)
+        try:
+            writers = catalog.lock(WRITERS, shared=not exclusive)
+            bind_catalog(directory, location)  # from $CROSSMODAL_CATALOG: later commands find it without
+        except BaseException:
+            catalog.close()
+            raise
+        for path in leftover_temp_files(directory):  # temp files of dead processes on this machine
+            path.unlink(missing_ok=True)
+        return cls(directory, catalog, locks=(writers,))
+
+    def lock_root(self, root: Path) -> None:
+        """Claim ``root`` for this run: two runs indexing one folder into one catalog would add its files twice.
+        (With SQLite the folder's lock already allows one run at a time.)"""
+        lock = self.catalog.lock(f"root:{root}")
+        if lock is not None:
+            self._locks.append(lock)
 
     def _refuse_orphaned_vector_files(self) -> None:
         """For a catalog that records no model. The model is recorded before any vector is written, so
         vector files beside such a catalog mean it was emptied or replaced: the index is gone from it."""
         held = [self.vector_path(m).name for m in MODALITIES if self.vector_path(m).exists()]
         if held:
-            raise CatalogDamaged(self.directory / CATALOG_FILE, [f"it records no index, yet {held[0]} is there"])
+            raise CatalogDamaged(self.catalog.where, [f"it records no index, yet {held[0]} is there"])
 
     def set_spec(self, spec: IndexSpec) -> None:
         """Record the index type (after a reindex, or once auto has chosen and tuned one)."""
@@ -123,6 +172,9 @@ class IndexStore:
         self.forget_meta()
 
     def close(self) -> None:
+        for lock in reversed(self._locks):
+            lock.release()
+        self._locks.clear()
         self.catalog.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -187,10 +239,17 @@ class IndexStore:
         return self.catalog.vectors(np.asarray(ids).tolist(), self.meta.embed_dim, strict)
 
     def save_vectors(self, modality: str, vectors: VectorStore) -> None:
-        if self._lock_fd is None:
+        if not self.writable:
             raise CrossmodalError("internal: vectors saved through a read-only IndexStore")
         try:
-            vectors.save(self.vector_path(modality))
+            if self._lock_fd is not None:
+                vectors.save(self.vector_path(modality))
+                return
+            with _folder_lock(self.directory):  # writers of one PostgreSQL catalog may share this folder
+                if self._locks[0].holders() > 1:
+                    # others wrote the catalog meanwhile: save their vectors too, or every reader fetches them
+                    vectors.sync(self.catalog.vector_ids(modality), self.fetch_vectors)
+                vectors.save(self.vector_path(modality))
         except (OSError, RuntimeError) as exc:
             raise CrossmodalError(f"cannot write {self.vector_path(modality)}: {exc}; "
                                   "the previous file is unchanged") from exc
@@ -238,7 +297,8 @@ def open_encoder(directory: Path, model: str | None = None, pretrained: str | No
                  device: str = "auto") -> Encoder:
     """:func:`encoder_for` the index at ``directory``, which need not exist yet."""
     identity = None
-    if (Path(directory) / CATALOG_FILE).is_file():
+    location = catalog_location(Path(directory))
+    if isinstance(location, str) or location.is_file():
         try:
             with IndexStore.open(directory) as store:
                 identity = store.identity
@@ -266,6 +326,17 @@ def leftover_temp_files(directory: Path) -> list[Path]:
         except PermissionError:  # alive, someone else's
             pass
     return sorted(found)
+
+
+@contextmanager
+def _folder_lock(directory: Path):
+    """The folder's lock for the moment of a write (a PostgreSQL catalog's writers take turns at the files)."""
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _acquire_lock(directory: Path) -> int:

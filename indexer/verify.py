@@ -21,7 +21,7 @@ from .catalog import SCHEMA_VERSION
 from .errors import CatalogDamaged, VectorFileError
 from .sources import filesystem_path
 from .spec import LEARNED
-from .store import CATALOG_FILE, MODALITIES, IndexStore, leftover_temp_files
+from .store import MODALITIES, IndexStore, leftover_temp_files
 from .vectors import StaleVectorFile, VectorStore
 
 
@@ -93,7 +93,7 @@ def verify(index_dir: Path, repair: bool = False, check_files: bool = True) -> V
         with opener(Path(index_dir)) as store:
             problems = store.catalog.quick_check()
             if problems:  # checking vectors or repairing from a damaged source would only spread the damage
-                raise CatalogDamaged(store.directory / CATALOG_FILE, problems)
+                raise CatalogDamaged(store.catalog.where, problems)
             report = VerifyReport(str(store.directory.resolve()), store.catalog.schema_version(), SCHEMA_VERSION)
             report.vectors = {m: _check_vectors(store, m) for m in MODALITIES}
             report.temp_files = temp_files

@@ -16,6 +16,8 @@ EXTRA_HINT = "pip install 'crossmodal-search[serve]'"
 @click.option("--index", "indexes", multiple=True, metavar="[NAME=]PATH",
               help="An index to serve, named NAME in the page and API [default: $CROSSMODAL_INDEX or .crossmodal]. "
                    "Repeatable.")
+@click.option("--catalog", "catalog_url", metavar="URL", default=None,
+              help="The PostgreSQL catalog of the served index folders that have none recorded yet.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; any but loopback needs --token or --insecure-no-token.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0 picks a free port.")
@@ -39,8 +41,8 @@ EXTRA_HINT = "pip install 'crossmodal-search[serve]'"
 @click.option("--device", envvar="CROSSMODAL_DEVICE", default="auto", show_default=True,
               help="auto, cpu or cuda[:N].")
 @domain_errors
-def serve_cmd(indexes, host, port, token, insecure_no_token, cors, cache_dir, workers, queue, max_upload_mb,
-              max_megapixels, model, pretrained, device):
+def serve_cmd(indexes, catalog_url, host, port, token, insecure_no_token, cors, cache_dir, workers, queue,
+              max_upload_mb, max_megapixels, model, pretrained, device):
     """Serve indexes over HTTP: a search page at / and a JSON API under /api (OpenAPI at /docs).
 
     \b
@@ -51,7 +53,13 @@ def serve_cmd(indexes, host, port, token, insecure_no_token, cors, cache_dir, wo
     from .serve.settings import ServeSettings, check_exposure, parse_indexes
 
     default = os.environ.get("CROSSMODAL_INDEX", ".crossmodal")
-    settings = ServeSettings(parse_indexes(indexes or (default,)), host=host, port=port, token=token or None,
+    served = parse_indexes(indexes or (default,))
+    if catalog_url:
+        from indexer.location import bind_catalog
+
+        for folder in served.values():
+            bind_catalog(folder, catalog_url)
+    settings = ServeSettings(served, host=host, port=port, token=token or None,
                              insecure_no_token=insecure_no_token, cors=tuple(cors), cache_dir=cache_dir,
                              device=device, workers=workers, queue=queue,
                              max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_megapixels=max_megapixels,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import re
-import sys
 from pathlib import Path
 
 import click
@@ -30,13 +29,6 @@ def printable(value: object) -> str:
     return _UNPRINTABLE.sub(_escape, str(value))
 
 
-def _catalog_errors() -> tuple[type[Exception], ...]:
-    """SQLAlchemy's OperationalError once SQLAlchemy is loaded (nothing else can raise it). Looked up when an
-    error goes by, so that commands which open no catalog (``--help``) start without importing SQLAlchemy."""
-    errors = sys.modules.get("sqlalchemy.exc")
-    return (errors.OperationalError,) if errors is not None else ()
-
-
 def domain_errors(func):
     """Turn our errors into click's one-line error, leaving real bugs their traceback."""
 
@@ -46,10 +38,6 @@ def domain_errors(func):
             return func(*args, **kwargs)
         except CrossmodalError as exc:
             raise click.ClickException(printable(exc)) from None
-        except _catalog_errors() as exc:  # disk full, read-only folder, a lost file system
-            raise click.ClickException(
-                f"the index catalog could not be read or written: {exc.orig}; what was committed before is "
-                "kept. Free space or make the index folder writable, then run the same command again") from None
         except KeyboardInterrupt:
             raise click.ClickException("interrupted; what was committed is kept, run the same command to resume") \
                 from None
@@ -58,9 +46,27 @@ def domain_errors(func):
 
 
 def index_option(func):
+    """``--index DIR`` and ``--catalog URL``: a PostgreSQL catalog binds the folder to it (recorded there, so
+    later commands on the folder need only ``--index``)."""
+
+    @functools.wraps(func)
+    def bound(*args, catalog_url=None, **kwargs):
+        if catalog_url:
+            from indexer.location import bind_catalog
+
+            try:
+                bind_catalog(kwargs["index_dir"], catalog_url)
+            except CrossmodalError as exc:
+                raise click.ClickException(printable(exc)) from None
+        return func(*args, **kwargs)
+
+    bound = click.option("--catalog", "catalog_url", metavar="URL",
+                         help="A PostgreSQL catalog (postgresql://USER@HOST[:PORT]/DB) instead of the SQLite file "
+                              "in the index folder; remembered by the folder. [env var: CROSSMODAL_CATALOG, "
+                              "for folders that have no catalog yet]")(bound)
     return click.option("--index", "index_dir", type=click.Path(path_type=Path), envvar="CROSSMODAL_INDEX",
                         default=DEFAULT_INDEX_DIR, show_default=True, show_envvar=True,
-                        help="Index directory.")(func)
+                        help="Index directory.")(bound)
 
 
 def model_options(func):

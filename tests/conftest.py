@@ -139,3 +139,58 @@ def shapes_searcher(shapes):
 
     with Searcher.open(shapes / "index", read_only=True) as searcher:
         yield searcher
+
+
+# -- PostgreSQL: the catalog suites run against SQLite and a real server --------------------------------
+# .ci/run starts a server (.ci/postgres) and names it here; locally: export CROSSMODAL_TEST_POSTGRES=$(.ci/postgres
+# start /tmp/pg). Tests that need it skip without one, and fail when CI is set.
+POSTGRES_ENV = "CROSSMODAL_TEST_POSTGRES"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The admin URL of the test server (databases are created on it per test)."""
+    url = os.environ.get(POSTGRES_ENV, "").strip()
+    if not url:
+        message = f"no PostgreSQL server: set {POSTGRES_ENV} (`.ci/postgres start DIR` starts one and prints it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return url
+
+
+@pytest.fixture
+def postgres_catalog(postgres_server) -> str:
+    """The URL of a fresh, empty database on the test server, dropped after the test."""
+    import uuid
+
+    import psycopg
+
+    name = "t_" + uuid.uuid4().hex[:16]
+    admin = postgres_server.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield postgres_server.rsplit("/", 1)[0] + "/" + name
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def pytest_generate_tests(metafunc):
+    # `either_catalog`: the test runs once on SQLite and once on PostgreSQL, except those marked sqlite_only
+    # (they look at the SQLite file itself).
+    if "either_catalog" in metafunc.fixturenames:
+        only_sqlite = metafunc.definition.get_closest_marker("sqlite_only") is not None
+        metafunc.parametrize("either_catalog", ["sqlite"] if only_sqlite else ["sqlite", "postgresql"],
+                             indirect=True)
+
+
+@pytest.fixture
+def either_catalog(request, monkeypatch) -> str | None:
+    """None for SQLite (each index folder's own file); for PostgreSQL a fresh database's URL, which every new
+    index folder of the test is bound to (CROSSMODAL_CATALOG, inherited by the CLI in subprocesses)."""
+    if request.param == "sqlite":
+        monkeypatch.delenv("CROSSMODAL_CATALOG", raising=False)
+        return None
+    url = request.getfixturevalue("postgres_catalog")
+    monkeypatch.setenv("CROSSMODAL_CATALOG", url)
+    return url

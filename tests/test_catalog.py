@@ -14,10 +14,12 @@ from indexer.catalog import (
 )
 from indexer.errors import SchemaError
 
+pytestmark = pytest.mark.usefixtures("either_catalog")
+
 
 @pytest.fixture
-def catalog(tmp_path):
-    cat = Catalog(tmp_path / "catalog.sqlite")
+def catalog(tmp_path, either_catalog):
+    cat = Catalog(either_catalog or tmp_path / "catalog.sqlite")
     yield cat
     cat.close()
 
@@ -27,6 +29,7 @@ def unit(seed, dim=4):
     return v / np.linalg.norm(v)
 
 
+@pytest.mark.sqlite_only
 def test_migrations_record_version_and_use_wal(catalog, tmp_path):
     assert catalog.schema_version() == SCHEMA_VERSION
     con = sqlite3.connect(tmp_path / "catalog.sqlite")
@@ -34,24 +37,75 @@ def test_migrations_record_version_and_use_wal(catalog, tmp_path):
     assert [r[0] for r in con.execute("SELECT version FROM schema_version")] == list(range(1, SCHEMA_VERSION + 1))
 
 
+@pytest.mark.sqlite_only
 def test_reopening_does_not_migrate_twice(tmp_path):
     Catalog(tmp_path / "c.sqlite").close()
     cat = Catalog(tmp_path / "c.sqlite")
     assert cat.schema_version() == SCHEMA_VERSION
 
 
-def test_newer_schema_is_refused(tmp_path):
-    Catalog(tmp_path / "c.sqlite").close()
-    con = sqlite3.connect(tmp_path / "c.sqlite")
-    con.execute("INSERT INTO schema_version VALUES (?, 'future')", (SCHEMA_VERSION + 1,))
-    con.commit()
+def test_newer_schema_is_refused(tmp_path, either_catalog):
+    location = either_catalog or tmp_path / "c.sqlite"
+    cat = Catalog(location)
+    with cat.engine.begin() as conn:
+        conn.exec_driver_sql(f"INSERT INTO schema_version VALUES ({SCHEMA_VERSION + 1}, 'future')")
+    cat.close()
     with pytest.raises(SchemaError, match="newer"):
-        Catalog(tmp_path / "c.sqlite")
+        Catalog(location)
+
+
+@pytest.mark.sqlite_only
+def test_an_upgraded_release_catalog_has_the_schema_of_a_new_one(tmp_path):
+    from legacy_schema import LEGACY_SQLITE
+    from sqlalchemy import inspect
+
+    con = sqlite3.connect(tmp_path / "old.sqlite")
+    con.executescript("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL);"
+                      + LEGACY_SQLITE[0] + "; INSERT INTO schema_version VALUES (1, 'then');")
+    con.close()
+    old, new = Catalog(tmp_path / "old.sqlite"), Catalog(tmp_path / "new.sqlite")
+
+    def shape(cat):
+        seen = inspect(cat.engine)
+        return {t: ([c["name"] for c in seen.get_columns(t)], sorted(i["name"] for i in seen.get_indexes(t)))
+                for t in seen.get_table_names()}
+
+    assert shape(old) == shape(new)
+    old.close()
+    new.close()
+
+
+def test_concurrent_first_opens_migrate_once(tmp_path, either_catalog):
+    import threading
+
+    location = either_catalog or tmp_path / "c.sqlite"
+    errors, versions = [], []
+
+    def open_it():
+        try:
+            cat = Catalog(location)
+            versions.append(cat.schema_version())
+            cat.close()
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and versions == [SCHEMA_VERSION] * 4
+    cat = Catalog(location)
+    with cat.engine.connect() as conn:
+        assert [r[0] for r in conn.exec_driver_sql("SELECT version FROM schema_version ORDER BY 1")] == \
+            list(range(1, SCHEMA_VERSION + 1))
+    cat.close()
 
 
 def test_orm_models_match_the_migrated_tables(catalog):
-    for table in Base.metadata.sorted_tables:
-        assert table_columns(catalog.engine, table.name) == [c.name for c in table.columns], table.name
+    with catalog.engine.connect() as conn:
+        for table in Base.metadata.sorted_tables:
+            assert table_columns(conn, table.name) == [c.name for c in table.columns], table.name
 
 
 def test_meta_round_trip(catalog):
@@ -102,8 +156,9 @@ def test_ids_are_never_reused(catalog):
     assert b > a
 
 
+@pytest.mark.sqlite_only
 def test_version_1_index_is_upgraded_in_place(tmp_path):
-    from indexer.catalog import MIGRATIONS
+    from legacy_schema import LEGACY_SQLITE as MIGRATIONS
 
     con = sqlite3.connect(tmp_path / "c.sqlite")
     con.executescript("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL);"
@@ -116,6 +171,7 @@ def test_version_1_index_is_upgraded_in_place(tmp_path):
     assert [(r.id, r.result["text_to_image"]["R@1"]) for r in cat.eval_runs()] == [(run_id, 0.5)]
 
 
+@pytest.mark.sqlite_only
 def test_captions_of_images_are_looked_up_by_image_not_by_walking_every_caption(catalog):
     root = catalog.root_id("/photos")
     a, b = catalog.write_images(root, [ImageWrite(f"{n}.jpg", 1, 1, n, vector=unit(i)) for i, n in enumerate("ab")])
@@ -171,8 +227,9 @@ def test_photo_metadata_is_stored_with_the_image_and_filled_in_later(catalog):
     assert catalog.items([a])[a].camera_make is None and catalog.image_states(root)["a.jpg"].meta_version is None
 
 
+@pytest.mark.sqlite_only
 def test_version_4_index_gains_the_photo_columns_unread(tmp_path):
-    from indexer.catalog import MIGRATIONS
+    from legacy_schema import LEGACY_SQLITE as MIGRATIONS
 
     con = sqlite3.connect(tmp_path / "c.sqlite")
     con.executescript("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL);"

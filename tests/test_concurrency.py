@@ -12,7 +12,7 @@ from conftest import make_image
 from indexer.store import IndexStore
 from retrieval.searcher import Searcher
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("either_catalog")]  # on SQLite and on PostgreSQL
 ROUNDS = 2
 
 

@@ -14,6 +14,8 @@ from indexer.filters import Filters
 from indexer.synth import stamp_photo_meta
 from tests.conftest import make_image
 
+pytestmark = pytest.mark.usefixtures("either_catalog")  # each test on SQLite and on PostgreSQL
+
 CAMERAS = ("Canon EOS R5", "NIKON Z 6", "Apple iPhone 12")
 PLACES = ((48.85, 2.35), (-33.87, 151.21), (40.71, -74.0))  # Paris, Sydney, New York
 

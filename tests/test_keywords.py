@@ -12,6 +12,8 @@ from indexer.errors import QueryError
 from indexer.keywords import fts_query, keyword_matches
 from retrieval.hybrid import reciprocal_rank_fusion
 
+pytestmark = pytest.mark.usefixtures("either_catalog")  # each test on SQLite and on PostgreSQL
+
 
 def unit(seed, dim=4):
     v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
@@ -19,8 +21,8 @@ def unit(seed, dim=4):
 
 
 @pytest.fixture
-def catalog(tmp_path):
-    cat = Catalog(tmp_path / "catalog.sqlite")
+def catalog(tmp_path, either_catalog):
+    cat = Catalog(either_catalog or tmp_path / "catalog.sqlite")
     yield cat
     cat.close()
 
@@ -64,6 +66,7 @@ def test_captions_texts_and_file_names_are_found_and_follow_every_change(catalog
     assert keyword_matches(catalog, 'NEAR("x" "y") OR *', "text", 10) == []  # FTS syntax is only text
 
 
+@pytest.mark.sqlite_only
 def test_an_index_from_before_keywords_is_searchable_once_upgraded(tmp_path):
     path = tmp_path / "catalog.sqlite"
     cat = Catalog(path)

@@ -14,9 +14,12 @@ from conftest import FakeEncoder, make_image
 
 from indexer import IndexOptions, IndexStore, update_index
 from indexer.errors import IndexLocked, ModelMismatch, SourceError
+from indexer.location import catalog_location
 from indexer.skips import PILLOW_VERSION
 from indexer.vectors import VectorStore
 from retrieval import Searcher
+
+pytestmark = pytest.mark.usefixtures("either_catalog")  # each test on SQLite and on PostgreSQL
 
 OPTS = IndexOptions(workers=0, progress=False, batch_size=4)
 
@@ -175,9 +178,12 @@ def test_other_model_is_refused_and_lock_is_exclusive(photo_dir, tmp_path, fake_
     run(photo_dir, index, fake_encoder)
     with pytest.raises(ModelMismatch, match="fake / none .*other / none"):
         run(photo_dir, index, FakeEncoder(name="other"))
-    with IndexStore.open_for_writing(index, fake_encoder.identity, OPTS.spec):
+    with IndexStore.open_for_writing(index, fake_encoder.identity, OPTS.spec) as store:
+        store.lock_root(photo_dir.resolve())  # SQLite: the folder is locked already; PostgreSQL: one run per root
         with pytest.raises(IndexLocked, match="another crossmodal process"):
             run(photo_dir, index, fake_encoder)
+        with pytest.raises(IndexLocked, match="another crossmodal process"):
+            IndexStore.open_locked(index)  # reindex and verify have the index to themselves
 
 
 def test_missing_root_and_bad_captions_file_stop_before_any_work(tmp_path, fake_encoder):
@@ -212,7 +218,7 @@ def mark_skipped(index, root, rel, skip_info):
     """Record ``rel`` (unchanged on disk) as skipped, as a run with other settings or an older version left it."""
     from indexer.catalog import Catalog, ImageWrite
 
-    catalog = Catalog(index / "catalog.sqlite")
+    catalog = Catalog(catalog_location(index))
     state = catalog.image_states(catalog.root_id(root.resolve()))[rel]
     catalog.write_images(catalog.root_id(root.resolve()), [ImageWrite(
         rel, state.size, state.mtime_ns, state.sha256, error="cannot decode image: OSError: bug", id=state.id,
@@ -293,6 +299,7 @@ import json, sys
 sys.path[:0] = [sys.argv[3]]
 from conftest import FakeEncoder
 from indexer import IndexOptions, update_index
+
 summary = update_index(sys.argv[1], sys.argv[2], FakeEncoder(), IndexOptions(workers=0, progress=False))
 print(json.dumps(summary.as_dict()))
 """
@@ -359,24 +366,25 @@ def photo_corpus(root):
 
 
 def photo_rows(index):
-    import sqlite3
+    from indexer.catalog import Catalog
 
-    con = sqlite3.connect(index / "catalog.sqlite")
+    catalog = Catalog(catalog_location(index))
     try:
-        rows = con.execute(f"SELECT path, {PHOTO_COLUMNS} FROM items WHERE kind = 'image'")
-        return {rel: rest for rel, *rest in rows}
+        with catalog.engine.connect() as conn:
+            rows = conn.exec_driver_sql(f"SELECT path, {PHOTO_COLUMNS} FROM items WHERE kind = 'image'")
+            return {rel: list(rest) for rel, *rest in rows}
     finally:
-        con.close()
+        catalog.close()
 
 
 def forget_photo_meta(index):
     """Null the metadata columns, as an index built before schema v5 has them once migrated."""
-    import sqlite3
+    from indexer.catalog import Catalog
 
-    con = sqlite3.connect(index / "catalog.sqlite")
-    con.execute("UPDATE items SET " + ", ".join(f"{c} = NULL" for c in PHOTO_COLUMNS.split(", ")))
-    con.commit()
-    con.close()
+    catalog = Catalog(catalog_location(index))
+    with catalog.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE items SET " + ", ".join(f"{c} = NULL" for c in PHOTO_COLUMNS.split(", ")))
+    catalog.close()
 
 
 def test_photo_metadata_is_recorded_while_indexing(tmp_path, fake_encoder):

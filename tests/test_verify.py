@@ -9,6 +9,8 @@ import pytest
 from indexer.store import IndexStore
 from indexer.vectors import VectorStore
 
+pytestmark = pytest.mark.usefixtures("either_catalog")  # each test on SQLite and on PostgreSQL
+
 
 @pytest.fixture
 def indexed(invoke, photo_dir, tmp_path):
@@ -76,9 +78,7 @@ def test_verify_without_an_index_is_a_clear_error(invoke):
 
 def test_a_full_disk_while_writing_leaves_the_previous_index_intact(invoke, indexed, photo_dir, monkeypatch):
     import faiss
-    import sqlalchemy.exc
-
-    from indexer.catalog import Catalog
+    import sqlalchemy
 
     before = (indexed / "image.faiss").read_bytes()
     (photo_dir / "new.png").write_bytes((photo_dir / "img1.png").read_bytes()[:-1] + b"\x00")
@@ -93,13 +93,17 @@ def test_a_full_disk_while_writing_leaves_the_previous_index_intact(invoke, inde
     assert "previous file is unchanged" in result.output and "Traceback" not in result.output
     assert (indexed / "image.faiss").read_bytes() == before
 
-    def catalog_full(*_args, **_kwargs):
-        raise sqlalchemy.exc.OperationalError("INSERT", {}, Exception("database or disk is full"))
+    def catalog_full(conn, _cursor, statement, *_args):
+        # what the database driver raises when its disk fills up, from inside the statement
+        if statement.lstrip().upper().startswith("INSERT INTO ITEMS"):
+            raise conn.dialect.loaded_dbapi.OperationalError("database or disk is full")
 
     (photo_dir / "newer.png").write_bytes((photo_dir / "img2.png").read_bytes()[:-1] + b"\x01")
-    with monkeypatch.context() as patch:
-        patch.setattr(Catalog, "write_images", catalog_full)
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", catalog_full)
+    try:
         result = invoke("index", photo_dir, "--workers", "0", "--no-progress")
+    finally:
+        sqlalchemy.event.remove(sqlalchemy.engine.Engine, "before_cursor_execute", catalog_full)
     assert result.exit_code == 1 and "database or disk is full" in result.output and "Traceback" not in result.output
     assert verify(invoke)[0] in (0, 1)  # opens; a lagging vector file is what --repair or the next run mends
     assert invoke("search", "anything", "--json").exit_code == 0
