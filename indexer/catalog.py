@@ -207,7 +207,8 @@ class Catalog:
         original = context.original_exception
         if self.dialect.is_damage(original):
             raise CatalogDamaged(self.where, [str(original)]) from None
-        if isinstance(context.sqlalchemy_exception, exc.OperationalError):  # disk full, read-only, server gone
+        read_only = getattr(original, "sqlstate", None) == "25006"  # PostgreSQL: a write in a read-only session
+        if read_only or isinstance(context.sqlalchemy_exception, exc.OperationalError):  # disk full, server gone
             said = str(original).strip().splitlines()[0] if str(original).strip() else type(original).__name__
             raise CatalogError(f"the catalog {self.where} could not be read or written: {said}; what was committed "
                                "before is kept. Fix that (free space, a writable index folder, a reachable "
@@ -364,6 +365,12 @@ class Catalog:
             return []
         statement = insert(ItemRow).returning(ItemRow.id, sort_by_parameter_order=True)
         return list(s.scalars(statement, rows))
+
+    def vector_count(self, modality: str) -> int:
+        q = (select(func.count()).select_from(VectorRow).join(ItemRow, ItemRow.id == VectorRow.item_id)
+             .where(ItemRow.kind.in_(MODALITY_KINDS[modality])))
+        with Session(self.engine) as s:
+            return int(s.scalar(q) or 0)
 
     @staticmethod
     def _insert_vectors(s: Session, pairs: list[tuple[int, np.ndarray]]) -> None:

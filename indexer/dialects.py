@@ -237,13 +237,6 @@ class AdvisoryLock:
             raise IndexLocked(f"another crossmodal process holds {name} in the catalog {where}; wait for it to "
                               "finish and run again")
 
-    def holders(self) -> int:
-        """How many sessions hold this lock now (this one included)."""
-        classid, objid = (self.key >> 32) & 0xFFFFFFFF, self.key & 0xFFFFFFFF
-        return int(self._conn.execute(text(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = :c AND objid = :o "
-            "AND objsubid = 1"), {"c": classid, "o": objid}).scalar())
-
     def release(self) -> None:
         if self._conn is None:
             return

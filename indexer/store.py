@@ -246,8 +246,9 @@ class IndexStore:
                 vectors.save(self.vector_path(modality))
                 return
             with _folder_lock(self.directory):  # writers of one PostgreSQL catalog may share this folder
-                if self._locks[0].holders() > 1:
-                    # others wrote the catalog meanwhile: save their vectors too, or every reader fetches them
+                if self.catalog.vector_count(modality) != len(vectors):
+                    # Others wrote the catalog meanwhile: save their vectors too, or every reader fetches them.
+                    # (Were it equal by chance, the file is behind, which each load mends as it always does.)
                     vectors.sync(self.catalog.vector_ids(modality), self.fetch_vectors)
                 vectors.save(self.vector_path(modality))
         except (OSError, RuntimeError) as exc:
