@@ -79,7 +79,7 @@ def main() -> None:
         server = None
         url = args.postgres
         if url is None:
-            server = Path(tmp) / "pg"
+            server = Path(tempfile.mkdtemp(prefix="crossmodal-bench-pg-"))  # in /tmp: the postgres user must reach it
             url = subprocess.run([str(Path(__file__).resolve().parents[1] / ".ci" / "postgres"), "start",
                                   str(server)], check=True, capture_output=True, text=True).stdout.strip()
         try:
@@ -89,7 +89,9 @@ def main() -> None:
         finally:
             if server is not None:
                 subprocess.run([str(Path(__file__).resolve().parents[1] / ".ci" / "postgres"), "stop", str(server)])
-    print(f"{args.n:,} images, {args.dim}-d vectors, batches of {BATCH}, one writer")
+                subprocess.run(["rm", "-rf", str(server)])
+    print(f"{args.n:,} images, {args.dim}-d vectors, batches of {BATCH}, one writer"
+          + ("; PostgreSQL: a throwaway server with fsync off" if args.postgres is None else ""))
     print(f"{'':28} {'sqlite':>12} {'postgresql':>12}")
     for key in results["sqlite"]:
         print(f"{key:28} {results['sqlite'][key]:12,.1f} {results['postgresql'][key]:12,.1f}")
