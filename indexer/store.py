@@ -265,6 +265,7 @@ class IndexStore:
         loaded = {m: self.load_vectors(m) for m in MODALITIES}
         return {
             "index": str(self.directory.resolve()),
+            "catalog": self.catalog.where,  # the SQLite file, or the PostgreSQL URL without its password
             "model": {"name": meta.model_name, "pretrained": meta.pretrained,
                       "checkpoint_sha256": meta.checkpoint_sha256, "checkpoint_path": meta.checkpoint_path,
                       "embed_dim": meta.embed_dim, "open_clip_version": meta.open_clip_version},

@@ -314,6 +314,7 @@ def info_cmd(index_dir, skipped, warned, as_json):
     m, c = info["model"], info["counts"]
     weights = m["pretrained"] + (f" (sha256 {m['checkpoint_sha256'][:12]})" if m["checkpoint_sha256"] else "")
     click.echo(f"index:    {printable(info['index'])} (schema v{info['schema_version']})")
+    click.echo(f"catalog:  {printable(info['catalog'])}")
     click.echo(f"model:    {printable(m['name'])} / {printable(weights)}, {m['embed_dim']}-d, "
                f"open_clip {m['open_clip_version']}")
     spec = IndexSpec(**info["index_spec"])
