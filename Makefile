@@ -17,7 +17,7 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[serve,postgres,test]'
+	$(PY) -m pip install -e '.[serve,postgres,distributed,test]'
 	touch $(STAMP)
 
 test: $(STAMP)

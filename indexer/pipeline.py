@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import sys
 import threading
 import time
 from collections import defaultdict
@@ -23,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from .build import check_trainable, finish
 from .catalog import CAPTION, TEXT, ImageState, ImageWrite, TextWrite
@@ -69,7 +67,11 @@ class IndexOptions:
     workers: int | None = None  # None: default_workers(device)
     spec: IndexSpec | None = None  # a new index's type (None: flat); an existing index keeps its own
     flush_seconds: float = 30.0
-    progress: bool = True
+    # called with (stage, done, total) as a run goes: "indexing", "metadata", "encoding" (ray), and
+    # "stopping" (0, 0) after a first Ctrl-C; None (or False) reports nothing
+    progress: Callable[[str, int, int], None] | None = None
+    engine: str = "local"  # "ray": decode and encode on a Ray cluster (indexer.distributed)
+    ray_address: str | None = None  # with engine "ray": the cluster's address (None: a local Ray)
     use_draft: bool = True
     max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS  # larger images are skipped, not decoded
     decode_timeout: float = DEFAULT_DECODE_TIMEOUT  # seconds a decoder process may spend on one file
@@ -95,6 +97,7 @@ class IndexSummary:
     texts_removed: int = 0
     texts_unchanged: int = 0
     encoded_images: int = 0
+    from_shards: int = 0  # images taken from embedding shards an interrupted --engine ray run had written
     encoded_texts: int = 0
     metadata_filled: int = 0  # kept images whose photo metadata was read this run (indexed before it was recorded)
     seconds: float = 0.0
@@ -144,6 +147,10 @@ class _Run:
         self.retry = RetrySettings(options.max_megapixels, options.decode_timeout,
                                    retry_all=options.retry_skipped)
 
+    def report(self, stage: str, done: int, total: int) -> None:
+        if self.options.progress:
+            self.options.progress(stage, done, total)
+
     def check_stop(self) -> None:
         if self.stop_requested:
             s = self.summary
@@ -186,7 +193,7 @@ def _stop_after_batch(run: _Run) -> Callable[[], None]:
         if run.stop_requested:
             raise KeyboardInterrupt
         run.stop_requested = True
-        print("\nstopping after this batch (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        run.report("stopping", 0, 0)  # the CLI says: stopping after this batch (Ctrl-C again to stop at once)
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
     return lambda: signal.signal(signal.SIGINT, previous)
@@ -303,54 +310,63 @@ def _apply_plan_without_encoding(run: _Run, root_id: int, plan: ImagePlan) -> No
 def _encode_images(run: _Run, root_id: int, jobs: list[EncodeJob]) -> None:
     if not jobs:
         return
-    encoder, options, summary, catalog = run.encoder, run.options, run.summary, run.store.catalog
+    if run.options.engine == "ray":
+        from .distributed import encode_with_ray  # imports ray: only for --engine ray
+
+        encode_with_ray(run, root_id, jobs)
+        return
+    encoder, options = run.encoder, run.options
     workers = options.workers if options.workers is not None else default_workers()
     tasks = [DecodeTask(i, job.file.path) for i, job in enumerate(jobs)]
     batches = iter_decoded(tasks, encoder.preprocess, encoder.image_size, batch_size=options.batch_size,
                            workers=workers, use_draft=options.use_draft, max_megapixels=options.max_megapixels,
                            timeout=options.decode_timeout)
-    bar = tqdm(total=len(jobs), unit="img", desc="indexing", disable=not options.progress, smoothing=0.1)
-    try:
-        while True:
-            with run.timer.stage("decode"):  # time the encoder spends waiting for decoded images
-                batch = next(batches, None)
-            if batch is None:
-                break
-            writes: list[ImageWrite] = []
-            for item in batch.failed:
-                job = jobs[item.key]
-                if item.cause == VANISHED:  # no row: a file never indexed must not be "removed" next run
-                    run.problems.append(Problem(str(job.file.path), "vanished before it could be read"))
-                    continue
-                writes.append(ImageWrite(job.file.rel, job.file.size, job.file.mtime_ns, item.sha256,
-                                         error=item.error, id=job.item_id, warnings=_warnings(run, job, item),
-                                         skip_info=skip_info(item.cause, run.retry)))
-                run.problems.append(Problem(str(job.file.path), item.error or "unreadable"))
-            summary.skipped += len(writes)
+    done = 0
+    while True:
+        with run.timer.stage("decode"):  # time the encoder spends waiting for decoded images
+            batch = next(batches, None)
+        if batch is None:
+            break
+        with run.timer.stage("encode"):
+            vectors = _vectors_for_batch(run, batch)
+        write_batch(run, root_id, jobs, batch.ok, vectors, batch.failed)
+        done += len(batch.ok) + len(batch.failed)
+        run.report("indexing", done, len(jobs))
+        run.check_stop()
 
-            with run.timer.stage("encode"):
-                vectors = _vectors_for_batch(run, batch)
-            for item, vector in zip(batch.ok, vectors):
-                job = jobs[item.key]
-                writes.append(ImageWrite(job.file.rel, job.file.size, job.file.mtime_ns, item.sha256,
-                                         item.width, item.height, vector=vector, id=job.item_id,
-                                         warnings=_warnings(run, job, item), meta=item.meta))
-                if job.item_id is None:
-                    summary.added += 1
-                else:
-                    summary.updated += 1
-            with run.timer.stage("write"):
-                ids = catalog.write_images(root_id, writes)
-                replaced = [w.id for w in writes if w.id is not None]
-                run.drop("image", replaced)
-                with_vectors = [(i, w.vector) for i, w in zip(ids, writes) if w.vector is not None]
-                if with_vectors:
-                    run.put("image", [i for i, _ in with_vectors], np.stack([v for _, v in with_vectors]))
-            run.flush()
-            bar.update(len(batch.ok) + len(batch.failed))
-            run.check_stop()
-    finally:
-        bar.close()
+
+def write_batch(run: _Run, root_id: int, jobs: list[EncodeJob], ok: list[Decoded], vectors,
+                failed: list[Decoded]) -> None:
+    """The write stage, the same for every engine: a batch's decoded images (``ok``, with their vectors in
+    order) and failures (``failed``, recorded as skipped) into the catalog, then the in-memory vector files."""
+    summary, catalog = run.summary, run.store.catalog
+    writes: list[ImageWrite] = []
+    for item in failed:
+        job = jobs[item.key]
+        if item.cause == VANISHED:  # no row: a file never indexed must not be "removed" next run
+            run.problems.append(Problem(str(job.file.path), "vanished before it could be read"))
+            continue
+        writes.append(ImageWrite(job.file.rel, job.file.size, job.file.mtime_ns, item.sha256,
+                                 error=item.error, id=job.item_id, warnings=_warnings(run, job, item),
+                                 skip_info=skip_info(item.cause, run.retry)))
+        run.problems.append(Problem(str(job.file.path), item.error or "unreadable"))
+    summary.skipped += len(writes)
+    for item, vector in zip(ok, vectors):
+        job = jobs[item.key]
+        writes.append(ImageWrite(job.file.rel, job.file.size, job.file.mtime_ns, item.sha256,
+                                 item.width, item.height, vector=vector, id=job.item_id,
+                                 warnings=_warnings(run, job, item), meta=item.meta))
+        if job.item_id is None:
+            summary.added += 1
+        else:
+            summary.updated += 1
+    with run.timer.stage("write"):
+        ids = catalog.write_images(root_id, writes)
+        run.drop("image", [w.id for w in writes if w.id is not None])
+        with_vectors = [(i, w.vector) for i, w in zip(ids, writes) if w.vector is not None]
+        if with_vectors:
+            run.put("image", [i for i, _ in with_vectors], np.stack([v for _, v in with_vectors]))
+    run.flush()
 
 
 def _fill_metadata(run: _Run, files: list[ImageFile], known: dict[str, ImageState], plan: ImagePlan) -> None:
@@ -362,16 +378,12 @@ def _fill_metadata(run: _Run, files: list[ImageFile], known: dict[str, ImageStat
     todo += [(item_id, f.path) for item_id, f in plan.restat + plan.moved if _meta_stale(states[item_id])]
     if not todo:
         return
-    bar = tqdm(total=len(todo), unit="img", desc="metadata", disable=not run.options.progress)
-    try:
-        for start in range(0, len(todo), METADATA_BATCH):
-            chunk = todo[start : start + METADATA_BATCH]
-            run.summary.metadata_filled += run.store.catalog.update_image_meta(
-                (item_id, read_photo_meta(path)) for item_id, path in chunk)
-            bar.update(len(chunk))
-            run.check_stop()
-    finally:
-        bar.close()
+    for start in range(0, len(todo), METADATA_BATCH):
+        chunk = todo[start : start + METADATA_BATCH]
+        run.summary.metadata_filled += run.store.catalog.update_image_meta(
+            (item_id, read_photo_meta(path)) for item_id, path in chunk)
+        run.report("metadata", start + len(chunk), len(todo))
+        run.check_stop()
 
 
 def _meta_stale(state: ImageState) -> bool:

@@ -41,7 +41,8 @@ def default_eval_index(karpathy_json: Path, split: str, encoder: Encoder) -> Pat
 def evaluate_karpathy(karpathy_json: Path, encoder: Encoder, *, images_root: Path | None = None,
                       split: str = "test", index_dir: Path | None = None, ks: Sequence[int] = DEFAULT_KS,
                       curve_k: int = 0, batch_size: int = 32, workers: int | None = None,
-                      progress: bool = True) -> BenchmarkRun:
+                      progress=None) -> BenchmarkRun:
+    """``progress``: what :class:`indexer.IndexOptions` takes, a ``(stage, done, total)`` callable or None."""
     images_root = Path(images_root) if images_root else Path(karpathy_json).parent
     pairs = read_karpathy(Path(karpathy_json), images_root, split)
     present = [p for p in pairs if p.path.is_file()]

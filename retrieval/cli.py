@@ -25,6 +25,7 @@ from .cli_serve import serve_cmd  # noqa: E402
 from .cli_train import data_group, train_cmd  # noqa: E402
 from .cli_vectors import duplicates_cmd, echo_build, export_cmd, reindex_cmd, verify_cmd  # noqa: E402
 from .options import (  # noqa: E402
+    ProgressBars,
     domain_errors,
     index_option,
     index_type_options,
@@ -76,6 +77,10 @@ def cli() -> None:
               help="Let a ROOT that holds no images any more remove all its images from the index.")
 @click.option("--flush-seconds", type=click.FloatRange(0), default=30.0, show_default=True,
               help="How often vector files are written during a run (the catalog commits every batch).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: decode and encode on a Ray cluster (pip install 'crossmodal-search[distributed]').")
+@click.option("--ray-address", metavar="ADDR", envvar="CROSSMODAL_RAY_ADDRESS", default=None,
+              help="With --engine ray: the cluster (HOST:6379, or ray://HOST:10001) [default: a local Ray].")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("-v", "--verbose", is_flag=True, help="After the run, list each file the image libraries warned "
                                                     "about, with what they said.")
@@ -83,7 +88,7 @@ def cli() -> None:
 @domain_errors
 def index_cmd(root, embeddings, images_root, index_dir, model, pretrained, device, captions, texts, include_hidden,
               exclude, batch_size, workers, spec, max_megapixels, decode_timeout, retry_skipped, allow_empty,
-              flush_seconds, progress, verbose, as_json):
+              flush_seconds, engine, ray_address, progress, verbose, as_json):
     """Index the images (and captions) under ROOT; re-run to update incrementally.
 
     \b
@@ -91,6 +96,7 @@ def index_cmd(root, embeddings, images_root, index_dir, model, pretrained, devic
     crossmodal index photos/ --captions captions.jsonl --texts notes.txt
     crossmodal index photos/ --index-type auto --memory-budget 4GB
     crossmodal index --embeddings laion_embeddings/ --model ViT-B-32 --index-type ivfpq
+    crossmodal index photos/ --engine ray --ray-address head-node:6379
     """
     if (root is None) == (embeddings is None):
         raise click.UsageError("give a folder ROOT to index, or --embeddings DIR to import")
@@ -107,7 +113,8 @@ def index_cmd(root, embeddings, images_root, index_dir, model, pretrained, devic
                                exclude=tuple(exclude), batch_size=batch_size, workers=workers,
                                spec=spec, max_megapixels=max_megapixels, decode_timeout=decode_timeout,
                                retry_skipped=retry_skipped, allow_empty=allow_empty, flush_seconds=flush_seconds,
-                               progress=progress)
+                               progress=ProgressBars() if progress and not as_json else None, engine=engine,
+                               ray_address=ray_address)
         summary = update_index(root, index_dir, encoder, options)
     if as_json:
         click.echo(json.dumps(summary.as_dict(), indent=2))
@@ -385,7 +392,7 @@ def eval_cmd(index_dir, karpathy_json, images_root, split, model, pretrained, de
             encoder_for(None, model, pretrained, device)
         run = evaluate_karpathy(karpathy_json, encoder, images_root=images_root, split=split,
                                 index_dir=index_dir if explicit else None, ks=k_values, curve_k=curve_k,
-                                progress=not as_json)
+                                progress=None if as_json else ProgressBars())
         result, index_dir, source = run.evaluation, run.index_dir, f"karpathy:{karpathy_json.resolve()}:{split}"
         if run.missing_images:
             click.echo(f"note: {run.missing_images} images of split '{printable(split)}' not found under the images "

@@ -142,3 +142,23 @@ def index_type_options(required: bool = False):
                             default=None, help="Vector index kind [new index: flat]. See README: index types.")(wrapper)
 
     return decorator
+
+
+class ProgressBars:
+    """The library's progress reports, ``(stage, done, total)``, as tqdm bars on stderr (one per stage)."""
+
+    def __init__(self) -> None:
+        self.bars: dict = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage == "stopping":
+            click.echo("\nstopping after this batch (Ctrl-C again to stop at once)", err=True)
+            return
+        bar = self.bars.get(stage)
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = self.bars[stage] = tqdm(total=total, unit="img", desc=stage, smoothing=0.1)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
