@@ -14,6 +14,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from . import ondisk
 from .errors import CrossmodalError
 from .spec import BINARY, IndexSpec
 
@@ -84,6 +85,7 @@ class Backend:
 
     reranks = False  # scores are approximate: the caller re-ranks a deeper candidate list exactly
     kind = ""
+    on_disk = False  # lists in a mapped file beside the vector file (indexer.ondisk)
 
     def __init__(self, spec: IndexSpec, dim: int, index):
         self.spec, self.dim, self.index = spec, dim, index
@@ -121,6 +123,10 @@ class Backend:
 
     def write(self, path: Path) -> None:
         faiss.write_index(self.index, str(path))
+
+    def saved(self, path: Path) -> None:
+        """Called once ``path`` is this index's vector file: list files of an earlier on-disk index go."""
+        ondisk.remove_unused(path, keep=None)
 
     def _on_gpu(self, use_gpu: bool):
         """A GPU copy when asked for and faiss has a GPU; None (search on the CPU) otherwise."""
@@ -174,18 +180,68 @@ class Flat(Backend):
 
 
 class IVF(Backend):
-    """IVF-Flat; ids live in the inverted lists (a hashtable direct map lets ids be removed)."""
+    """IVF-Flat; ids live in the inverted lists (a hashtable direct map lets ids be removed).
+
+    Its lists may be in a mapped list file (``--shards``), which is never changed: changes wait in
+    ``changes`` and are merged into a new list file beside ``home`` (the vector file) before a search or
+    a write (see :mod:`indexer.ondisk`).
+    """
 
     kind = "ivf"
+
+    def __init__(self, spec: IndexSpec, dim: int, index, home: Path | None = None):
+        super().__init__(spec, dim, index)
+        self.home = home
+        self.changes = ondisk.Changes(index) if ondisk.is_on_disk(index) else None
+
+    @property
+    def on_disk(self) -> bool:
+        return self.changes is not None
+
+    def __len__(self) -> int:
+        return len(self.changes) if self.on_disk else super().__len__()
+
+    def add(self, ids, vectors) -> None:
+        if not self.on_disk:
+            return super().add(ids, vectors)
+        self._gpu = None
+        self.changes.add(as_ids(ids), as_floats(vectors))
+
+    def remove(self, ids) -> int:
+        if not self.on_disk:
+            return super().remove(ids)
+        self._gpu = None
+        return self.changes.remove(as_ids(ids))
+
+    def move_to_disk(self, home: Path) -> None:
+        """Lists built in memory into a list file beside ``home`` (a spec with ``shards`` serves them mapped)."""
+        self._replace(ondisk.rewrite(self.index, home), home)
+
+    def write(self, path: Path) -> None:
+        if not self.on_disk:
+            return super().write(path)
+        self._apply_changes()
+        ondisk.write(self.index, path)
+
+    def saved(self, path: Path) -> None:
+        if not self.on_disk:
+            return super().saved(path)
+        self.home = Path(path)
+        ondisk.remove_unused(path, keep=ondisk.data_file(self.index))
+
+    def _apply_changes(self) -> None:
+        if self.on_disk and self.changes.changed:
+            self._replace(self.changes.applied(self.home), self.home)
+
+    def _replace(self, index, home: Path) -> None:
+        self.index, self.home, self._gpu = index, Path(home), None
+        self.changes = ondisk.Changes(index)
 
     def ivf(self):
         return faiss.extract_index_ivf(self.index)
 
     def ids(self) -> np.ndarray:
-        lists = self.ivf().invlists
-        held = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
-                for i in range(lists.nlist) if lists.list_size(i)]
-        return np.concatenate(held).astype(np.int64) if held else np.zeros(0, dtype=np.int64)
+        return self.changes.ids() if self.on_disk else ondisk.list_ids(self.ivf().invlists)
 
     def nlist(self) -> int:
         return int(self.ivf().nlist)
@@ -197,6 +253,7 @@ class IVF(Backend):
         return max(1, min(_widened(params["nprobe"], allowed, len(self)), self.nlist()))
 
     def search(self, queries, k, params, allowed=None, use_gpu=False):
+        self._apply_changes()
         nprobe = self.nprobe(params, allowed)
         gpu = None if allowed is not None else self._on_gpu(use_gpu)
         if gpu is not None:
@@ -216,6 +273,7 @@ class IVFPQ(IVF):
         return int(self.ivf().code_size)
 
     def search(self, queries, k, params, allowed=None, use_gpu=False):
+        self._apply_changes()
         # an OPQ index is an IndexPreTransform, which hands IVF parameters through to the IVF index
         return self.index.search(queries, k, params=_params(faiss.SearchParametersIVF, allowed,
                                                             nprobe=self.nprobe(params, allowed)))
@@ -358,18 +416,44 @@ def empty(spec: IndexSpec, dim: int) -> Backend:
 
 
 def read(path: Path, spec: IndexSpec, dim: int) -> Backend:
-    """The index in ``path``, wrapped for ``spec``'s kind; a file of another kind is :class:`WrongKind`."""
+    """The index in ``path``, wrapped for ``spec``'s kind; a file of another kind is :class:`WrongKind`, and so
+    is one whose lists are in memory where the spec says on disk (``shards``), or the other way round."""
+    sharded = bool(spec.params.get("shards"))
     if spec.kind in BINARY:
         backend = Binary.read(path, spec, dim)
         found, size = "binary", backend.index.d
-    else:
-        index = faiss.read_index(str(path))
+    elif sharded:
+        try:
+            index = ondisk.read(path)
+        except RuntimeError:  # faiss cannot skip in-memory lists: a whole file of them, or a damaged one
+            faiss.read_index(str(path))
+            index = None
+        if index is None:
+            raise WrongKind(f"{spec.kind} in memory")
         found, size = kind_of(index), index.d
+        backend = BY_KIND[found](spec, dim, index, Path(path)) if found in ("ivf", "ivfpq") else None
+    else:
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError:
+            if _on_disk_file(path):  # faiss maps the list file itself, and fails where it moved
+                raise WrongKind(f"{spec.kind} on disk") from None
+            raise
+        found, size = kind_of(index), index.d
+        if ondisk.is_on_disk(index):
+            raise WrongKind(f"{found} on disk")
         backend = BY_KIND[found](spec, dim, index) if found in BY_KIND else None
     expected = "binary" if spec.kind in BINARY else spec.kind
     if found != expected or size != (spec.params.get("bits") if spec.kind in BINARY else dim):
         raise WrongKind(found)
     return backend
+
+
+def _on_disk_file(path: Path) -> bool:
+    try:
+        return ondisk.read(path) is not None
+    except RuntimeError:
+        return False
 
 
 class WrongKind(CrossmodalError):

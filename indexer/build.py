@@ -9,15 +9,16 @@ index as another kind.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .spec import LEARNED, MIN_TRAIN, IndexSpec, TooFewVectors
+from .spec import LEARNED, MIN_TRAIN, TRAIN_SAMPLE, IndexSpec, TooFewVectors
 from .store import MODALITIES, IndexStore
-from .tuning import SEARCH_SETTING, TUNING_K, choose, tune, tuning_queries
-from .vectors import VectorStore, exact_top_k, gpu_wanted
+from .tuning import SEARCH_SETTING, TUNING_K, choose, tune, tuning_picks
+from .vectors import VectorStore, gpu_wanted, streamed_top_k
 
 RETUNE_GROWTH = 2.0  # tune again once a modality holds this many times the vectors it was tuned for
 ADD_CHUNK = 50_000
@@ -103,19 +104,27 @@ def _wants_tuning(spec: IndexSpec, counts: dict[str, int], rebuilt: bool) -> boo
 
 def _tune(store: IndexStore, vectors: dict[str, VectorStore], spec: IndexSpec, counts: dict[str, int],
           report: BuildReport, in_memory: dict[str, tuple[np.ndarray, np.ndarray]]) -> IndexSpec:
-    """Tune each modality with queries from the other one; the spec takes the largest value needed."""
+    """Tune each modality with queries from the other one; the spec takes the largest value needed.
+
+    Queries are a sample; their exact answers come from a pass over the stored vectors in batches, so
+    tuning an index bigger than RAM needs memory for a batch, not for every vector.
+    """
     target = spec.params["target_recall"]
-    full = {m: in_memory[m] if m in in_memory else _stored(store, v) for m, v in vectors.items()}
+    ids = {m: in_memory[m][0] if m in in_memory else np.sort(v.ids()) for m, v in vectors.items()}
     values = []
     for modality, held in vectors.items():
         if counts[modality] <= TUNING_K or not held.trained:  # too small to train: it is searched exactly
             continue
         other = "text" if modality == "image" else "image"
-        own_ids, own = full[modality]
-        queries, exclude = tuning_queries(own, own_ids, full[other][1])
-        truth = exact_top_k(queries, own, own_ids, TUNING_K, exclude)[1]
+        source = other if len(ids[other]) >= 100 else modality
+        picked = tuning_picks(len(ids[source]))
+        query_ids = ids[source][picked]
+        queries = in_memory[source][1][picked] if source in in_memory else store.fetch_vectors(query_ids)
+        exclude = None if source == other else query_ids
+        base = [in_memory[modality]] if modality in in_memory else _batches(store, modality, held)
+        truth = streamed_top_k(queries, base, TUNING_K, exclude)[1]
         tuning = tune(held, queries, truth, target, exclude)
-        report.tuning[modality] = {**asdict(tuning), "queries_from": other if exclude is None else modality}
+        report.tuning[modality] = {**asdict(tuning), "queries_from": source}
         values.append(tuning.value)
     if not values:
         return spec
@@ -124,29 +133,34 @@ def _tune(store: IndexStore, vectors: dict[str, VectorStore], spec: IndexSpec, c
     return spec.with_params(**{setting: max(values)}, tuned={"for": max(counts.values()), "recall": recall})
 
 
-def _stored(store: IndexStore, held: VectorStore) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, vectors) of a trained side, read from the catalog."""
-    ids = np.sort(held.ids())
-    return ids, store.fetch_vectors(ids)
+def _batches(store: IndexStore, modality: str, held: VectorStore) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The stored vectors of the ids a trained side holds, in batches (ids the file lacks are left out)."""
+    wanted = np.sort(held.ids())
+    for ids, batch in store.iter_vectors(modality, ADD_CHUNK):
+        keep = np.isin(ids, wanted, assume_unique=True)
+        yield ids[keep], batch[keep]
 
 
 def reindex(index_dir: Path, spec: IndexSpec, device: str = "auto") -> BuildReport:
     """Rebuild the vector files of the index at ``index_dir`` as ``spec``, from stored vectors.
 
-    ``device`` auto or cuda trains IVF on the GPU where faiss has one.
+    ``device`` auto or cuda trains IVF on the GPU where faiss has one. A spec with ``shards`` is built in
+    bounded memory (:func:`sharded`); any other holds the vectors in RAM while it trains.
     """
     started = time.perf_counter()
     with IndexStore.open_locked(Path(index_dir)) as store:
         dim = store.meta.embed_dim
-        counts = {m: len(store.catalog.vector_ids(m)) for m in MODALITIES}
-        check_trainable(spec, counts)
+        counts = {m: store.catalog.vector_count(m) for m in MODALITIES}
+        small = check_trainable(spec, counts)
         vectors = {}
         for modality in MODALITIES:
+            if spec.params.get("shards") and counts[modality] and modality not in small:
+                vectors[modality] = sharded(store, modality, spec, device)
+                continue
             held = VectorStore.empty(spec, dim)
             held.exact, held.use_gpu = store.fetch_vectors, gpu_wanted(device)
-            ids = store.catalog.vector_ids(modality)
-            for start in range(0, len(ids), ADD_CHUNK):
-                held.add(ids[start:start + ADD_CHUNK], store.fetch_vectors(ids[start:start + ADD_CHUNK]))
+            for ids, batch in store.iter_vectors(modality, ADD_CHUNK):
+                held.add(ids, batch)
             vectors[modality] = held
         previous = store.spec
         store.set_spec(spec)  # first the catalog: an older file left by a crash is then ignored as stale
@@ -159,3 +173,19 @@ def reindex(index_dir: Path, spec: IndexSpec, device: str = "auto") -> BuildRepo
             store.save_vectors(modality, vectors[modality])
     report.seconds = round(time.perf_counter() - started, 3)
     return report
+
+
+def sharded(store: IndexStore, modality: str, spec: IndexSpec, device: str = "auto") -> VectorStore:
+    """One side's index built as ``spec["shards"]`` shards merged on disk: trained on a sample, then each
+    shard (a range of ids) read from the catalog batch by batch and added. Memory: the training sample,
+    one batch, one shard's codes; never every vector."""
+    ids = store.catalog.vector_ids(modality)
+    rng = np.random.default_rng(0)
+    picked = ids if len(ids) <= TRAIN_SAMPLE else np.sort(rng.choice(ids, TRAIN_SAMPLE, replace=False))
+    sample = np.concatenate([store.fetch_vectors(picked[i:i + ADD_CHUNK]) for i in range(0, len(picked), ADD_CHUNK)])
+    held = VectorStore.empty(spec, store.meta.embed_dim)
+    held.exact, held.use_gpu = store.fetch_vectors, gpu_wanted(device)
+    ranges = [(int(part[0]), int(part[-1])) for part in np.array_split(ids, spec.params["shards"]) if len(part)]
+    shards = (store.iter_vectors(modality, ADD_CHUNK, first, last) for first, last in ranges)
+    held.build_sharded(sample, len(ids), shards, store.vector_path(modality))
+    return held

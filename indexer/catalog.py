@@ -173,7 +173,6 @@ class Catalog:
         """``read_only`` opens the catalog so that nothing can write it (a server): the schema must be current."""
         self.dialect = dialect_for(location, read_only)
         self.where = self.dialect.where  # for messages (a URL without its password)
-        self.path = Path(location) if self.dialect.name == "sqlite" else None
         self.read_only = read_only
         self.engine: Engine = self.dialect.make_engine()
         event.listen(self.engine, "handle_error", self._translate_error)
@@ -182,11 +181,6 @@ class Catalog:
         except BaseException:
             self.close()
             raise
-
-    @property
-    def concurrent_writers(self) -> bool:
-        """Whether several processes may write this catalog at once (PostgreSQL), not one at a time (SQLite)."""
-        return self.dialect.concurrent_writers
 
     def close(self) -> None:
         self.engine.dispose()
@@ -215,37 +209,8 @@ class Catalog:
                                "server), then run the same command again") from None
 
     def quick_check(self, limit: int = 5) -> list[str]:
-        """The first ``limit`` problems SQLite's ``PRAGMA quick_check`` finds (every page and row); [] if none.
-        A PostgreSQL server keeps its own files sound: nothing to check from here."""
-        if self.dialect.name != "sqlite":
-            return []
-        try:
-            return self._quick_check(str(int(limit)))[:limit]
-        except CatalogDamaged as whole:
-            # SQLite gives up, listing nothing, at a table it cannot scan: check table by table to say which.
-            return (self._quick_check_tables() or whole.problems)[:limit]
-
-    def _quick_check_tables(self) -> list[str]:
-        try:
-            with self.engine.connect() as conn:
-                tables = list(conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'table'").scalars())
-        except CatalogDamaged:
-            return []
-        problems = []
-        for table in tables:
-            try:
-                lines = self._quick_check("'" + table.replace("'", "''") + "'")
-            except CatalogDamaged as exc:
-                lines = exc.problems
-            problems += [f"table {table}: {line}" for line in lines]
-        return problems
-
-    def _quick_check(self, argument: str) -> list[str]:
-        with self.engine.connect() as conn:
-            rows = [str(row[0]) for row in conn.exec_driver_sql(f"PRAGMA quick_check({argument})")]
-        lines = [line.strip() for row in rows for line in row.splitlines()]
-        lines = [line for line in lines if line and line != "*** in database main ***"]
-        return [] if lines == ["ok"] else lines
+        """The first ``limit`` problems the database finds in its own files (every page and row); [] if none."""
+        return self.dialect.quick_check(self.engine, limit)
 
     # -- schema -------------------------------------------------------------------------------
     def _migrate(self) -> None:
@@ -281,8 +246,7 @@ class Catalog:
                               f"({SCHEMA_VERSION}); upgrade crossmodal-search")
 
     def schema_version(self) -> int:
-        with Session(self.engine) as s:
-            return s.scalar(select(func.max(SchemaVersion.version))) or 0
+        return self._version()
 
     # -- meta ---------------------------------------------------------------------------------
     def meta(self) -> IndexMeta | None:
@@ -442,6 +406,28 @@ class Catalog:
              .where(ItemRow.kind.in_(MODALITY_KINDS[modality])).order_by(VectorRow.item_id))
         with Session(self.engine) as s:
             return np.fromiter(s.scalars(q), dtype=np.int64)
+
+    def iter_vectors(self, modality: str, dim: int, batch: int = 50_000, first: int = 0,
+                     last: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The modality's (ids, vectors) with ids in ``first..last``, in id order, ``batch`` rows at a time: a
+        whole catalog read in bounded memory (each batch its own short read, by key, not by offset)."""
+        after = first - 1
+        while True:
+            q = (select(VectorRow.item_id, VectorRow.data).join(ItemRow, ItemRow.id == VectorRow.item_id)
+                 .where(ItemRow.kind.in_(MODALITY_KINDS[modality]), VectorRow.item_id > after)
+                 .order_by(VectorRow.item_id).limit(batch))
+            if last is not None:
+                q = q.where(VectorRow.item_id <= last)
+            with Session(self.engine) as s:
+                rows = s.execute(q).all()
+            if not rows:
+                return
+            ids = np.fromiter((item_id for item_id, _ in rows), dtype=np.int64, count=len(rows))
+            bad = next((item_id for item_id, blob in rows if len(blob) != dim * 4), None)
+            if bad is not None:
+                raise CatalogDamaged(self.where, [f"the vector of item {bad} does not have {dim * 4} bytes"])
+            yield ids, np.frombuffer(b"".join(blob for _, blob in rows), dtype=np.float32).reshape(len(rows), dim)
+            after = int(ids[-1])
 
     def content_hashes(self, ids: Sequence[int]) -> dict[int, str]:
         """The sha256 of each item's content (an image's file bytes) where it is known."""

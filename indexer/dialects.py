@@ -18,14 +18,14 @@ import numpy as np
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine, make_url
 
-from .errors import CatalogError, IndexLocked
+from .errors import CatalogDamaged, CatalogError, IndexLocked
+from .location import require_postgres_url
 
 # SQLite's primary result codes for a file that is not (or no longer) a sound database.
 SQLITE_CORRUPT, SQLITE_NOTADB = 11, 26
 # Python before 3.11 gives no result code, only the message; a text column that is not UTF-8 can only
 # come from damage, since the catalog stores undecodable file names escaped.
 DAMAGE_MESSAGES = ("file is not a database", "database disk image is malformed", "could not decode to utf-8")
-POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
 
 
 def is_damage(exc: BaseException) -> bool:
@@ -40,18 +40,13 @@ def is_damage(exc: BaseException) -> bool:
 
 def postgres_url(url: str) -> str:
     """``url`` with psycopg 3 as its driver; refuses anything but a PostgreSQL URL."""
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    if scheme not in POSTGRES_SCHEMES:
-        raise CatalogError(f"catalog {url!r} is not a PostgreSQL URL: use postgresql://USER@HOST[:PORT]/DATABASE "
-                           "(or leave --catalog out for the SQLite file in the index folder)")
-    return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return "postgresql+psycopg://" + require_postgres_url(url).split("://", 1)[1]
 
 
 class SQLite:
     """``catalog.sqlite`` in the index folder: one writer at a time (the folder's lock), readers beside it."""
 
     name = "sqlite"
-    concurrent_writers = False
     keyword_step = """
     CREATE VIRTUAL TABLE IF NOT EXISTS item_words USING fts5(words, tokenize = 'unicode61 remove_diacritics 2');
     DELETE FROM item_words;
@@ -125,6 +120,14 @@ class SQLite:
     def is_damage(self, exc: BaseException) -> bool:
         return is_damage(exc)
 
+    def quick_check(self, engine: Engine, limit: int) -> list[str]:
+        """The first ``limit`` problems SQLite's ``PRAGMA quick_check`` finds; [] if none."""
+        try:
+            return _quick_check(engine, str(int(limit)))[:limit]
+        except CatalogDamaged as whole:
+            # SQLite gives up, listing nothing, at a table it cannot scan: check table by table to say which.
+            return (_quick_check_tables(engine) or whole.problems)[:limit]
+
     def glob(self, expr: str, param: str) -> str:
         return f"{expr} GLOB :{param}"
 
@@ -151,7 +154,6 @@ class PostgreSQL:
     """A PostgreSQL database (psycopg 3) that several index processes write at the same time."""
 
     name = "postgresql"
-    concurrent_writers = True
     # Paths split at punctuation as FTS5's unicode61 does, so IMG_1234.jpg is the words img, 1234, jpg.
     WORDS = ("to_tsvector('simple', regexp_replace(CASE WHEN {t}kind = 'image' THEN {t}path ELSE {t}text END, "
              "'[^[:alnum:]]+', ' ', 'g'))")
@@ -202,6 +204,9 @@ class PostgreSQL:
     def is_damage(self, exc: BaseException) -> bool:
         return False  # the server keeps its own files sound, or refuses to start
 
+    def quick_check(self, engine: Engine, limit: int) -> list[str]:
+        return []  # nothing to check from here, for the same reason
+
     def glob(self, expr: str, param: str) -> str:
         return f"{expr} ~ :{param}"
 
@@ -249,6 +254,30 @@ class AdvisoryLock:
         finally:
             self._conn.close()
             self._conn = None
+
+
+def _quick_check_tables(engine: Engine) -> list[str]:
+    try:
+        with engine.connect() as conn:
+            tables = list(conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'table'").scalars())
+    except CatalogDamaged:
+        return []
+    problems = []
+    for table in tables:
+        try:
+            lines = _quick_check(engine, "'" + table.replace("'", "''") + "'")
+        except CatalogDamaged as exc:
+            lines = exc.problems
+        problems += [f"table {table}: {line}" for line in lines]
+    return problems
+
+
+def _quick_check(engine: Engine, argument: str) -> list[str]:
+    with engine.connect() as conn:
+        rows = [str(row[0]) for row in conn.exec_driver_sql(f"PRAGMA quick_check({argument})")]
+    lines = [line.strip() for row in rows for line in row.splitlines()]
+    lines = [line for line in lines if line and line != "*** in database main ***"]
+    return [] if lines == ["ok"] else lines
 
 
 def lock_key(name: str) -> int:

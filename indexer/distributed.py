@@ -53,9 +53,9 @@ def encode_with_ray(run, root_id: int, jobs: list) -> None:
     for number in shards.numbers():  # a killed run's shards: ingested, not encoded again
         ok, vectors, failed = shards.read(number, keys)
         if ok or failed:
-            with run.timer.stage("write"):
-                write_batch(run, root_id, jobs, ok, vectors, failed)
-            keys = {k: v for k, v in keys.items() if v not in {d.key for d in ok + failed}}
+            write_batch(run, root_id, jobs, ok, vectors, failed)
+            taken = {d.key for d in ok + failed}
+            keys = {k: v for k, v in keys.items() if v not in taken}
             done += len(ok) + len(failed)
             run.summary.from_shards += len(ok) + len(failed)
     todo = sorted(keys.values())
@@ -73,8 +73,7 @@ def encode_with_ray(run, root_id: int, jobs: list) -> None:
             break
         ok, vectors, failed = shards.write(result, jobs)
         run.summary.encoded_images += len(ok)
-        with run.timer.stage("write"):
-            write_batch(run, root_id, jobs, ok, vectors, failed)
+        write_batch(run, root_id, jobs, ok, vectors, failed)  # timed as "write" inside
         done += len(ok) + len(failed)
         run.report("indexing", done, len(jobs))
         run.check_stop()

@@ -10,6 +10,7 @@ from pathlib import Path
 MODALITIES = ("image", "text")
 CATALOG_FILE = "catalog.sqlite"
 LOCK_FILE = ".lock"
+LIST_FILE_SUFFIX = ".ivfdata"  # an on-disk index's lists: image.<writer>.ivfdata beside image.faiss
 DEFAULT_INDEX_DIR = Path(".crossmodal")
 
 DATA_ENV = "CROSSMODAL_DATA"

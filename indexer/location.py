@@ -33,9 +33,7 @@ def catalog_location(directory: Path) -> Path | str:
     own = Path(directory) / CATALOG_FILE
     if wanted is None or own.exists():
         return own
-    if not wanted.lower().startswith(SCHEMES):
-        raise CatalogError(f"{ENV_VAR}={wanted!r} is not a PostgreSQL URL: use postgresql://USER@HOST[:PORT]/DATABASE")
-    return wanted
+    return require_postgres_url(wanted, ENV_VAR)
 
 
 def bound_catalog(directory: Path) -> str | None:
@@ -47,7 +45,7 @@ def bound_catalog(directory: Path) -> str | None:
         return None
     except OSError as exc:
         raise CatalogError(f"cannot read {pointer}: {exc.strerror or exc}") from None
-    if not url.lower().startswith(SCHEMES):
+    if not is_postgres_url(url):
         raise CatalogError(f"{pointer} does not hold a PostgreSQL URL ({url[:80]!r}); write the catalog's URL "
                            "into it, or delete it if the index is a SQLite one")
     return url
@@ -58,9 +56,7 @@ def bind_catalog(directory: Path, url: str) -> None:
     that holds or names another catalog. The file is private to its owner: the URL may hold a password
     (better kept in ~/.pgpass or PGPASSWORD)."""
     directory = Path(directory)
-    if not url.lower().startswith(SCHEMES):
-        raise CatalogError(f"catalog {url!r} is not a PostgreSQL URL: use postgresql://USER@HOST[:PORT]/DATABASE "
-                           "(or leave --catalog out for the SQLite file in the index folder)")
+    require_postgres_url(url)
     current = bound_catalog(directory)
     if current is not None:
         if _same(current, url):
@@ -79,6 +75,18 @@ def bind_catalog(directory: Path, url: str) -> None:
         raise CatalogError(f"cannot record the catalog in {directory}: {exc.strerror or exc}") from None
     with os.fdopen(fd, "w", encoding="utf-8") as out:
         out.write(url + "\n")
+
+
+def is_postgres_url(url: str) -> bool:
+    return url.lower().startswith(SCHEMES)
+
+
+def require_postgres_url(url: str, what: str = "catalog") -> str:
+    """``url`` if it is a PostgreSQL URL; else a CatalogError naming it (``what``: where it was given)."""
+    if not is_postgres_url(url):
+        raise CatalogError(f"{what} {url!r} is not a PostgreSQL URL: use postgresql://USER@HOST[:PORT]/DATABASE "
+                           "(or leave --catalog out for the SQLite file in the index folder)")
+    return url
 
 
 def _same(a: str, b: str) -> bool:

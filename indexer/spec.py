@@ -7,6 +7,8 @@ the index; what ``auto`` chose and what tuning measured are kept there too. The 
 - ``ivf``: IVF-Flat; ``nlist`` about 4*sqrt(n), a power of two; ``nprobe`` lists searched.
 - ``ivfpq``: IVF with PQ codes of ``m`` bytes (OPQ-rotated when ``opq``); the top ``rerank``
   candidates are scored again exactly from full vectors.
+- ``shards`` (ivf, ivfpq): the index is built ``shards`` parts at a time and its lists live in a file
+  beside the vector file, memory-mapped for search (:mod:`indexer.ondisk`): for indexes bigger than RAM.
 - ``hnsw``: an HNSW graph (``M``, ``ef_construction``, ``ef_search``). HNSW cannot delete, so removed
   vectors become tombstones filtered out at search, and the graph is rebuilt once they pass the
   ``tombstones`` share.
@@ -28,8 +30,8 @@ LEARNED = frozenset({"ivf", "ivfpq", "lsh", "itq", "auto"})
 BINARY = frozenset({"lsh", "itq"})
 DEFAULT_PARAMS: dict[str, dict] = {  # target_recall: tune the search setting to it (indexer.tuning)
     "flat": {},
-    "ivf": {"nprobe": 16, "target_recall": None},
-    "ivfpq": {"nprobe": 16, "opq": True, "rerank": 100, "target_recall": None},
+    "ivf": {"nprobe": 16, "target_recall": None, "shards": None},
+    "ivfpq": {"nprobe": 16, "opq": True, "rerank": 100, "target_recall": None, "shards": None},
     "hnsw": {"M": 32, "ef_construction": 80, "ef_search": 64, "tombstones": 0.2, "target_recall": None},
     "lsh": {"bits": 256, "rerank": 200, "target_recall": None},
     "itq": {"bits": 256, "rerank": 200, "target_recall": None},
@@ -74,7 +76,7 @@ class IndexSpec:
         bits = params.get("bits")
         if bits is not None and not (64 <= bits <= 1024 and bits % 8 == 0):
             raise CrossmodalError(f"--bits {bits}: binary codes take 64 to 1024 bits, a multiple of 8")
-        for name in ("nprobe", "rerank", "M", "ef_construction", "ef_search", "nlist", "m"):
+        for name in ("nprobe", "rerank", "M", "ef_construction", "ef_search", "nlist", "m", "shards"):
             if params.get(name) is not None and (not isinstance(params[name], int) or params[name] < 1):
                 raise CrossmodalError(f"{name} must be a positive whole number, got {params[name]!r}")
         object.__setattr__(self, "params", params)

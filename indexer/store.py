@@ -20,7 +20,7 @@ import numpy as np
 from .catalog import Catalog, IndexMeta, utc_now
 from .errors import CatalogDamaged, CrossmodalError, IndexLocked, IndexNotFound, VectorFileError
 from .identity import ModelIdentity
-from .layout import CATALOG_FILE, LOCK_FILE, MODALITIES
+from .layout import CATALOG_FILE, LIST_FILE_SUFFIX, LOCK_FILE, MODALITIES
 from .location import bind_catalog, bound_catalog, catalog_location
 from .spec import IndexSpec
 from .vectors import StaleVectorFile, VectorStore
@@ -230,6 +230,10 @@ class IndexStore:
             raise CrossmodalError(f"{path} holds {vectors.dim}-d vectors but the catalog says {dim}-d; "
                                   "delete the file and re-run `crossmodal index` to rebuild it from the catalog")
         vectors.exact = functools.partial(self.fetch_vectors, strict=False)  # re-ranking tolerates deletions
+        if vectors.on_disk and not self.writable:
+            # Catching up would copy the whole list file: a reader searches what the last writer saved
+            # (re-ranking drops what was deleted since), and the writer's next save brings the rest.
+            return vectors, SyncReport(0, 0, problem)
         expected = self.catalog.vector_ids(modality)
         added, removed = vectors.sync(expected, self.fetch_vectors)
         return vectors, SyncReport(added, removed, problem)
@@ -237,6 +241,10 @@ class IndexStore:
     def fetch_vectors(self, ids, strict: bool = True) -> np.ndarray:
         """Stored (full, exact) vectors for catalog ids, in that order."""
         return self.catalog.vectors(np.asarray(ids).tolist(), self.meta.embed_dim, strict)
+
+    def iter_vectors(self, modality: str, batch: int = 50_000, first: int = 0, last: int | None = None):
+        """Stored (ids, vectors) of a modality in id order, ``batch`` at a time (:meth:`Catalog.iter_vectors`)."""
+        return self.catalog.iter_vectors(modality, self.meta.embed_dim, batch, first, last)
 
     def save_vectors(self, modality: str, vectors: VectorStore) -> None:
         if not self.writable:
@@ -257,6 +265,7 @@ class IndexStore:
 
     def disk_usage(self) -> dict[str, int]:
         names = [CATALOG_FILE, CATALOG_FILE + "-wal"] + [f"{m}.faiss" for m in MODALITIES]
+        names += sorted(p.name for m in MODALITIES for p in self.directory.glob(f"{m}.*{LIST_FILE_SUFFIX}"))
         return {n: (self.directory / n).stat().st_size for n in names if (self.directory / n).exists()}
 
     def info(self) -> dict:

@@ -92,15 +92,12 @@ def tune(store: VectorStore, queries: np.ndarray, truth: np.ndarray, target: flo
     return Tuning(setting, values[-1], round(recall, 4), len(queries), False)
 
 
-def tuning_queries(own: np.ndarray, own_ids: np.ndarray, other: np.ndarray,
-                   seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
-    """Queries to tune with: the other modality's vectors where there are enough, else held-out own ones.
+def tuning_picks(available: int, seed: int = 0) -> np.ndarray:
+    """Positions of the tuning queries among ``available`` vectors, in order.
 
-    Own vectors are in the index, so each is excluded from its own answers (the second array).
+    They are the other modality's vectors where it has enough, else the index's own ones, each then
+    excluded from its own answers (it is in the index).
     """
     rng = np.random.default_rng(seed)
-    if len(other) >= 100:
-        pick = rng.choice(len(other), min(TUNING_QUERIES, len(other)), replace=False)
-        return other[np.sort(pick)], None
-    pick = np.sort(rng.choice(len(own), min(TUNING_QUERIES, len(own)), replace=False))
-    return own[pick], own_ids[pick]
+    pick = rng.choice(available, min(TUNING_QUERIES, available), replace=False)
+    return np.sort(pick)

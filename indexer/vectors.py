@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from . import backends
+from . import backends, ondisk
 from .backends import Allowed, Backend, Binary, as_floats, as_ids, gpu_count
 from .errors import CrossmodalError, VectorFileError
 from .spec import (
@@ -88,6 +88,11 @@ class VectorStore:
     def nlist(self) -> int:
         return self.backend.nlist()
 
+    @property
+    def on_disk(self) -> bool:
+        """Lists mapped from a file (``shards``): a reader leaves them as saved instead of catching up."""
+        return self.backend is not None and self.backend.on_disk
+
     def code_bytes(self) -> int:
         """Bytes each vector takes in the index structure (codes, not ids or graph links)."""
         if self.backend is None:
@@ -114,6 +119,16 @@ class VectorStore:
         ids, vectors = self._pending_ids, self._pending
         self._pending_ids, self._pending = np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), np.float32)
         self.add(ids, vectors)
+
+    def build_sharded(self, sample: np.ndarray, n: int, shards: Iterable[Iterable[tuple[np.ndarray, np.ndarray]]],
+                      home: Path) -> None:
+        """Train on ``sample`` (for ``n`` vectors), then add ``shards`` (each an iterable of (ids, vectors)
+        chunks) one shard at a time, merged into a list file beside ``home``: memory for one shard's codes."""
+        if self.backend is not None or len(self._pending_ids):
+            raise CrossmodalError("internal: a sharded build starts from an empty, untrained store")
+        self.train(sample, n)
+        index = ondisk.build(self.backend.index, shards, home)
+        self.backend = backends.BY_KIND[self.spec.kind](self.spec, self.dim, index, Path(home))
 
     # -- changes --------------------------------------------------------------------------------
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
@@ -219,7 +234,10 @@ class VectorStore:
         path = Path(path)
         if self.backend is None:
             path.unlink(missing_ok=True)
+            ondisk.remove_unused(path, keep=None)
             return
+        if self.spec.params.get("shards") and not self.backend.on_disk:  # built in memory (an index run)
+            self.backend.move_to_disk(path)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
             self.backend.write(tmp)
@@ -229,6 +247,7 @@ class VectorStore:
             if tmp.exists():
                 tmp.unlink()
         _fsync(path.parent)
+        self.backend.saved(path)
 
 
 class StaleVectorFile(CrossmodalError):
@@ -350,11 +369,21 @@ def exact_top_k(queries: np.ndarray, base: np.ndarray, base_ids: np.ndarray, k: 
                 exclude: np.ndarray | None = None, block: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ids) of the exact top-k inner products, blockwise, padded with -inf and id -1 past the
     base's size; ``exclude[i]`` is never query i's answer. Brute force, in numpy: the ground truth."""
+    blocks = ((base_ids[start:start + block], base[start:start + block]) for start in range(0, len(base), block))
+    return streamed_top_k(queries, blocks, k, exclude)
+
+
+def streamed_top_k(queries: np.ndarray, batches: Iterable[tuple[np.ndarray, np.ndarray]], k: int,
+                   exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`exact_top_k` over a base that comes as (ids, vectors) batches: memory for one batch and the
+    running top k, so the base may be bigger than RAM (read from the catalog batch by batch)."""
     best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
     best_ids = np.zeros((len(queries), 0), dtype=np.int64)
-    for start in range(0, len(base), block):
-        scores = queries @ base[start:start + block].T
-        ids = np.broadcast_to(base_ids[start:start + block], scores.shape)
+    for batch_ids, batch in batches:
+        if not len(batch_ids):
+            continue
+        scores = queries @ np.asarray(batch, dtype=np.float32).T
+        ids = np.broadcast_to(np.asarray(batch_ids, dtype=np.int64), scores.shape)
         if exclude is not None:
             scores = np.where(ids == exclude[:, None], -np.inf, scores)
         scores, ids = np.hstack([best_scores, scores]), np.hstack([best_ids, ids])

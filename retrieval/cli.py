@@ -113,7 +113,7 @@ def index_cmd(root, embeddings, images_root, index_dir, model, pretrained, devic
                                exclude=tuple(exclude), batch_size=batch_size, workers=workers,
                                spec=spec, max_megapixels=max_megapixels, decode_timeout=decode_timeout,
                                retry_skipped=retry_skipped, allow_empty=allow_empty, flush_seconds=flush_seconds,
-                               progress=ProgressBars() if progress and not as_json else None, engine=engine,
+                               progress=ProgressBars(bars=progress and not as_json), engine=engine,
                                ray_address=ray_address)
         summary = update_index(root, index_dir, encoder, options)
     if as_json:

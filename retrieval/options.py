@@ -90,6 +90,8 @@ _SPEC_OPTIONS = (
     ("--nprobe", "nprobe", click.IntRange(1), "ivf/ivfpq: lists searched per query [default: 16, or tuned]."),
     ("--pq-bytes", "m", click.IntRange(1), "ivfpq: bytes per PQ code [default: up to 64, dividing the dim]."),
     ("--opq/--no-opq", "opq", None, "ivfpq: rotate with OPQ before PQ [default: on]."),
+    ("--shards", "shards", click.IntRange(1), "ivf/ivfpq: build N shards merged on disk; search maps the lists "
+     "from disk instead of reading them into RAM (indexes bigger than RAM)."),
     ("--rerank", "rerank", click.IntRange(1), "ivfpq/lsh/itq: candidates scored again exactly."),
     ("--hnsw-m", "M", click.IntRange(2, 256), "hnsw: links per node [default: 32]."),
     ("--ef-construction", "ef_construction", click.IntRange(1), "hnsw: build-time beam [default: 80]."),
@@ -145,14 +147,21 @@ def index_type_options(required: bool = False):
 
 
 class ProgressBars:
-    """The library's progress reports, ``(stage, done, total)``, as tqdm bars on stderr (one per stage)."""
+    """The library's progress reports, ``(stage, done, total)``, as tqdm bars on stderr (one per stage).
 
-    def __init__(self) -> None:
+    With ``bars=False`` (``--no-progress``, ``--json``) only the answer to Ctrl-C is said: the user pressed a key
+    and should learn that the run heard it.
+    """
+
+    def __init__(self, bars: bool = True) -> None:
+        self.show = bars
         self.bars: dict = {}
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if stage == "stopping":
             click.echo("\nstopping after this batch (Ctrl-C again to stop at once)", err=True)
+            return
+        if not self.show:
             return
         bar = self.bars.get(stage)
         if bar is None:

@@ -1,0 +1,212 @@
+"""Indexes bigger than RAM: IVF built in shards, merged on disk, served memory-mapped, changed copy-on-write.
+
+Seeded synthetic vectors; an in-memory index trained on the same sample is the reference (IVF-Flat
+built in shards must find exactly what it finds).
+"""
+
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from conftest import FAKE_DIM
+
+from indexer import ondisk
+from indexer.spec import IndexSpec
+from indexer.store import IndexStore
+from indexer.vectors import StaleVectorFile, VectorStore, exact_top_k, streamed_top_k
+from retrieval.searcher import Searcher
+
+DIM, N = 32, 12_000
+
+
+def unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((40, DIM))
+    base = unit(centres[rng.integers(0, 40, N)] + rng.standard_normal((N, DIM)) * 0.5)
+    queries = unit(centres[rng.integers(0, 40, 200)] + rng.standard_normal((200, DIM)) * 0.5)
+    return base, np.arange(100, 100 + N, dtype=np.int64), queries
+
+
+def chunks(base, ids, parts, size=700):
+    return [[(ids[part][i:i + size], base[part][i:i + size]) for i in range(0, len(part), size)]
+            for part in np.array_split(np.arange(len(ids)), parts)]
+
+
+def sharded_store(base, ids, home, parts=4, kind="ivf", **params):
+    store = VectorStore.empty(IndexSpec(kind, params={"nlist": 32, "shards": parts, **params}), DIM)
+    store.build_sharded(base, len(base), chunks(base, ids, parts), home)
+    return store
+
+
+def list_files(folder):
+    return sorted(p.name for p in folder.glob("*.ivfdata"))
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_ivf_built_in_shards_finds_what_the_same_index_built_in_memory_finds(data, tmp_path):
+    base, ids, queries = data
+    memory = VectorStore.empty(IndexSpec("ivf", params={"nlist": 32}), DIM)
+    memory.add(ids, base)
+    memory.train(base, len(base))
+    disk = sharded_store(base, ids, tmp_path / "image.faiss")
+    assert disk.on_disk and not memory.on_disk and len(disk) == N
+    assert sorted(disk.ids()) == sorted(ids)
+    for nprobe in (1, 8, 32):
+        want, got = memory.search(queries, 10, nprobe=nprobe), disk.search(queries, 10, nprobe=nprobe)
+        assert (got[1] == want[1]).all() and np.allclose(got[0], want[0], atol=1e-6)
+    assert list_files(tmp_path) and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # shards gone
+
+
+def test_a_saved_on_disk_index_is_mapped_read_only_and_survives_a_moved_folder(data, tmp_path):
+    base, ids, queries = data
+    folder = tmp_path / "a"
+    folder.mkdir()
+    store = sharded_store(base, ids, folder / "image.faiss", kind="ivfpq", m=4, opq=False)
+    want = store.search(queries, 10)
+    store.save(folder / "image.faiss")
+    assert len(list_files(folder)) == 1
+    shutil.move(folder, tmp_path / "b")  # the vector file names its list file; the folder is found anew
+    spec = store.spec
+    loaded = VectorStore.load(tmp_path / "b" / "image.faiss", spec, DIM)
+    assert loaded.on_disk and ondisk.lists_of(loaded.backend.index).read_only
+    assert ondisk.data_file(loaded.backend.index).parent == tmp_path / "b"
+    got = loaded.search(queries, 10)
+    assert (got[1] == want[1]).all()
+
+
+def test_changes_go_to_a_new_list_file_and_leave_the_saved_index_whole_until_the_save(data, tmp_path):
+    base, ids, queries = data
+    home = tmp_path / "image.faiss"
+    sharded_store(base[:10_000], ids[:10_000], home).save(home)
+    (saved_lists,) = list_files(tmp_path)
+    before = digest(tmp_path / saved_lists), digest(home)
+    spec = IndexSpec("ivf", params={"nlist": 32, "shards": 4})
+    reader = VectorStore.load(home, spec, DIM)
+    writer = VectorStore.load(home, spec, DIM)
+    writer.add(ids[10_000:], base[10_000:])
+    assert writer.remove(ids[:100]) == 100
+    assert (digest(tmp_path / saved_lists), digest(home)) == before  # a crash here loses nothing saved
+    assert list_files(tmp_path) == [saved_lists] and len(writer) == N - 100  # the changes wait in memory
+    writer.save(home)
+    assert list_files(tmp_path) != [saved_lists] and len(list_files(tmp_path)) == 1  # the old one went
+    assert len(reader.search(queries, 10)[1]) == 200  # a reader keeps the map it made of the removed file
+    again = VectorStore.load(home, spec, DIM)
+    assert sorted(again.ids()) == sorted(ids[100:])
+    truth = exact_top_k(queries, base[100:], ids[100:], 10)[1]
+    found = again.search(queries, 10, nprobe=32)[1]
+    assert (found == truth).all()  # every list probed: IVF-Flat is exact
+
+
+def test_list_files_of_a_dead_writer_are_removed_and_a_live_writer_s_are_kept(data, tmp_path):
+    base, ids, _ = data
+    home = tmp_path / "image.faiss"
+    sharded_store(base, ids, home, parts=2).save(home)
+    dead = tmp_path / "image.999999999-0badc0de.ivfdata"
+    dead.write_bytes(b"left by a crash")
+    live = tmp_path / f"image.{os.getppid()}-00000000.ivfdata"
+    live.write_bytes(b"another writer's copy in progress")
+    VectorStore.load(home, IndexSpec("ivf", params={"nlist": 32, "shards": 2}), DIM).save(home)
+    assert not dead.exists() and live.exists()
+
+
+def test_faiss_prints_nothing_to_stdout_which_carries_json(data, tmp_path, capfd):
+    base, ids, _ = data
+    home = tmp_path / "image.faiss"
+    store = sharded_store(base, ids, home)
+    store.save(home)
+    loaded = VectorStore.load(home, store.spec, DIM)
+    loaded.add(np.arange(10**6, 10**6 + 500), base[:500])
+    loaded.save(home)
+    assert capfd.readouterr().out == ""
+
+
+def test_the_wrong_layout_for_the_spec_is_a_stale_file(data, tmp_path):
+    base, ids, _ = data
+    home = tmp_path / "image.faiss"
+    memory = VectorStore.empty(IndexSpec("ivf", params={"nlist": 32}), DIM)
+    memory.add(ids, base)
+    memory.train(base, len(base))
+    memory.save(home)
+    with pytest.raises(StaleVectorFile, match="in memory"):
+        VectorStore.load(home, IndexSpec("ivf", params={"nlist": 32, "shards": 2}), DIM)
+    sharded_store(base, ids, home, parts=2).save(home)
+    with pytest.raises(StaleVectorFile, match="on disk"):
+        VectorStore.load(home, IndexSpec("ivf", params={"nlist": 32}), DIM)
+
+
+def test_streamed_top_k_over_batches_is_the_exact_top_k(data):
+    base, ids, queries = data
+    batches = [(ids[i:i + 333], base[i:i + 333]) for i in range(0, N, 333)]
+    want = exact_top_k(queries, base, ids, 10, exclude=ids[:200])
+    got = streamed_top_k(queries, iter(batches), 10, exclude=ids[:200])
+    assert (got[1] == want[1]).all() and np.allclose(got[0], want[0])
+
+
+# -- through the catalog and the CLI -------------------------------------------------------------------------
+
+@pytest.fixture
+def invoke(invoke):
+    return lambda *args, ok=True: invoke(*args, ok=ok)
+
+
+def write_embeddings(out, n, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((30, FAKE_DIM))
+    images = unit(centres[rng.integers(0, 30, n)] + rng.standard_normal((n, FAKE_DIM)) * 0.4)
+    texts = unit(images + rng.standard_normal((n, FAKE_DIM)) * 0.3)
+    for name in ("img_emb", "text_emb", "metadata"):
+        (out / name).mkdir(parents=True, exist_ok=True)
+    for shard, rows in enumerate(np.array_split(np.arange(n), 3)):
+        np.save(out / "img_emb" / f"img_emb_{shard}.npy", images[rows])
+        np.save(out / "text_emb" / f"text_emb_{shard}.npy", texts[rows])
+        meta = [{"image_path": f"/data/img{i}.jpg", "caption": f"caption number {i}"} for i in rows]
+        (out / "metadata" / f"metadata_{shard}.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
+    return images, texts
+
+
+def test_reindex_in_shards_then_search_update_and_verify(invoke, tmp_path):
+    images, texts = write_embeddings(tmp_path / "emb", 3_000)
+    invoke("index", "--embeddings", tmp_path / "emb")
+    index = tmp_path / "idx"
+    with Searcher.open(index) as searcher:
+        exact = [[h.path for h in hits] for hits in searcher.search_vectors(texts[:30], to="image", k=10)]
+    report = json.loads(invoke("reindex", "--index-type", "ivf", "--shards", "3", "--target-recall", "0.95",
+                               "--json").output)
+    assert report["tuning"]["image"]["reached"] and report["tuning"]["image"]["queries_from"] == "text"
+    assert {p.name.split(".")[0] for p in index.glob("*.ivfdata")} == {"image", "text"}
+    with IndexStore.open(index) as store:
+        assert store.spec.params["shards"] == 3 and store.load_vectors("image")[0].on_disk
+        assert any(name.endswith(".ivfdata") for name in store.disk_usage())
+    with Searcher.open(index) as searcher:
+        found = [[h.path for h in hits] for hits in searcher.search_vectors(texts[:30], to="image", k=10)]
+    overlap = np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact)])
+    assert overlap >= 0.9
+    # An update writes a new list file and removes the old one; verify finds the files in line with the catalog.
+    shutil.rmtree(tmp_path / "emb")
+    write_embeddings(tmp_path / "emb", 3_300, seed=1)  # the same folder again: changed vectors, 300 more pairs
+    invoke("index", "--embeddings", tmp_path / "emb")
+    assert len(list(index.glob("image.*.ivfdata"))) == 1
+    with IndexStore.open(index) as store:
+        held = store.load_vectors("image")[0]
+        assert held.on_disk and len(held) == 3_300
+    assert json.loads(invoke("verify", "--json").output)["ok"]
+    invoke("reindex", "--index-type", "flat")
+    assert not list(index.glob("*.ivfdata"))  # back in memory: the list files go
+
+
+def test_shards_apply_to_ivf_kinds_only(invoke, tmp_path):
+    write_embeddings(tmp_path / "emb", 1_200)
+    invoke("index", "--embeddings", tmp_path / "emb")
+    result = invoke("reindex", "--index-type", "hnsw", "--shards", "2", ok=False)
+    assert result.exit_code == 2 and "index type hnsw has no setting shards" in result.output
