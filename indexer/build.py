@@ -149,19 +149,9 @@ def reindex(index_dir: Path, spec: IndexSpec, device: str = "auto") -> BuildRepo
     """
     started = time.perf_counter()
     with IndexStore.open_locked(Path(index_dir)) as store:
-        dim = store.meta.embed_dim
         counts = {m: store.catalog.vector_count(m) for m in MODALITIES}
         small = check_trainable(spec, counts)
-        vectors = {}
-        for modality in MODALITIES:
-            if spec.params.get("shards") and counts[modality] and modality not in small:
-                vectors[modality] = sharded(store, modality, spec, device)
-                continue
-            held = VectorStore.empty(spec, dim)
-            held.exact, held.use_gpu = store.fetch_vectors, gpu_wanted(device)
-            for ids, batch in store.iter_vectors(modality, ADD_CHUNK):
-                held.add(ids, batch)
-            vectors[modality] = held
+        vectors = {m: rebuilt(store, m, spec, device, trainable=m not in small) for m in MODALITIES}
         previous = store.spec
         store.set_spec(spec)  # first the catalog: an older file left by a crash is then ignored as stale
         try:
@@ -173,6 +163,19 @@ def reindex(index_dir: Path, spec: IndexSpec, device: str = "auto") -> BuildRepo
             store.save_vectors(modality, vectors[modality])
     report.seconds = round(time.perf_counter() - started, 3)
     return report
+
+
+def rebuilt(store: IndexStore, modality: str, spec: IndexSpec, device: str = "auto",
+            trainable: bool = True) -> VectorStore:
+    """One side's stored vectors in a new store of ``spec``: built in shards on disk when the spec has
+    ``shards`` and the side can train, else held in memory (to train, when the kind learns, in finish)."""
+    if spec.params.get("shards") and trainable and store.catalog.vector_count(modality) >= MIN_TRAIN[spec.kind]:
+        return sharded(store, modality, spec, device)
+    held = VectorStore.empty(spec, store.meta.embed_dim)
+    held.exact, held.use_gpu = store.fetch_vectors, gpu_wanted(device)
+    for ids, batch in store.iter_vectors(modality, ADD_CHUNK):
+        held.add(ids, batch)
+    return held
 
 
 def sharded(store: IndexStore, modality: str, spec: IndexSpec, device: str = "auto") -> VectorStore:

@@ -15,6 +15,7 @@ An import is a root like a folder: importing the same DIR again adds, replaces a
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import time
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .build import finish
+from .build import finish, rebuilt
 from .catalog import CAPTION, TEXT, ImageWrite, TextWrite
 from .errors import CrossmodalError, SourceError
 from .identity import ModelIdentity
@@ -54,7 +55,8 @@ def _shard_number(path: Path) -> int:
     return int(found.group(1)) if found else -1
 
 
-def _metadata(directory: Path, number: int) -> tuple[Path, list[dict]]:
+def _metadata(directory: Path, number: int) -> tuple[Path, int, Iterator[dict]]:
+    """The shard's metadata file, its row count, and its rows one at a time (read in batches, not whole)."""
     for suffix in (".parquet", ".jsonl"):
         path = directory / "metadata" / f"metadata_{number}{suffix}"
         if path.is_file():
@@ -66,38 +68,54 @@ def _metadata(directory: Path, number: int) -> tuple[Path, list[dict]]:
             import pyarrow.parquet as pq
         except ImportError:  # pragma: no cover - pyarrow is a dependency
             raise SourceError("reading .parquet metadata needs pyarrow: pip install pyarrow") from None
-        return path, pq.read_table(path, columns=None).to_pylist()
-    rows = []
-    for number_, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise SourceError(f"{path}:{number_}: not JSON ({exc.msg}); fix or remove that line") from None
-    return path, rows
+        table = pq.ParquetFile(path)
+        rows = (row for batch in table.iter_batches(batch_size=WRITE_CHUNK) for row in batch.to_pylist())
+        return path, table.metadata.num_rows, rows
+    with open(path, encoding="utf-8", errors="replace") as f:
+        count = sum(1 for line in f if line.strip())
+    return path, count, _json_lines(path)
 
 
-def read_pairs(directory: Path, dim: int, problems: list[Problem]) -> Iterator[Pair]:
-    """Every row of every shard under ``directory``; unusable rows become problems, not errors."""
-    directory = Path(directory)
+def _json_lines(path: Path) -> Iterator[dict]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise SourceError(f"{path}:{number}: not JSON ({exc.msg}); fix or remove that line") from None
+
+
+def _shards(directory: Path, dim: int) -> list[Path]:
+    """The image shards, checked before anything is written: vectors of another size stop the import whole."""
     shards = sorted((directory / "img_emb").glob("img_emb_*.npy"), key=_shard_number)
     if not shards:
         raise SourceError(f"no img_emb/img_emb_*.npy under {directory}: is it clip-retrieval's embeddings folder?")
     for image_file in shards:
+        text_file = directory / "text_emb" / f"text_emb_{_shard_number(image_file)}.npy"
+        for path in (image_file, text_file) if text_file.is_file() else (image_file,):
+            shape = np.load(path, mmap_mode="r").shape
+            if len(shape) == 2 and shape[1] != dim:
+                raise SourceError(f"{path} holds {shape[1]}-d vectors but the model makes {dim}-d ones; "
+                                  "import with the --model/--pretrained that produced them")
+    return shards
+
+
+def read_pairs(directory: Path, dim: int, problems: list[Problem]) -> Iterator[Pair]:
+    """Every row of every shard under ``directory``, one at a time; unusable rows become problems, not errors."""
+    directory = Path(directory)
+    for image_file in _shards(directory, dim):
         number = _shard_number(image_file)
         images = np.load(image_file, mmap_mode="r")
         text_file = directory / "text_emb" / f"text_emb_{number}.npy"
         texts = np.load(text_file, mmap_mode="r") if text_file.is_file() else None
-        meta_file, rows = _metadata(directory, number)
-        sizes = {image_file.name: len(images), meta_file.name: len(rows)}
+        meta_file, count, rows = _metadata(directory, number)
+        sizes = {image_file.name: len(images), meta_file.name: count}
         if texts is not None:
             sizes[text_file.name] = len(texts)
         if len(set(sizes.values())) != 1 or images.ndim != 2:
             problems.append(Problem(str(image_file), f"shard skipped: row counts differ ({sizes})"))
             continue
-        if images.shape[1] != dim or (texts is not None and texts.shape[1] != dim):
-            raise SourceError(f"{image_file} holds {images.shape[1]}-d vectors but the model makes {dim}-d ones; "
-                              "import with the --model/--pretrained that produced them")
         for row, meta in enumerate(rows):
             where = f"{meta_file.name}:{row}"
             image_path, caption = meta.get("image_path"), meta.get("caption")
@@ -129,7 +147,12 @@ def _vector_digest(vector: np.ndarray) -> str:
 
 def import_embeddings(source: Path, index_dir: Path, identity: ModelIdentity, spec: IndexSpec | None = None,
                       images_root: Path | None = None) -> IndexSummary:
-    """Index precomputed vectors from ``source`` (clip-retrieval layout) as one root of ``index_dir``."""
+    """Index precomputed vectors from ``source`` (clip-retrieval layout) as one root of ``index_dir``.
+
+    Rows are read and written ``WRITE_CHUNK`` at a time, so memory holds a chunk of vectors, not the
+    import (plus the root's paths and caption keys, to find what is gone). A side that a spec with
+    ``shards`` has not trained yet is built at the end from the catalog, shard by shard.
+    """
     from .pipeline import IndexSummary  # the pipeline imports torch, which export_embeddings does without
 
     started = time.perf_counter()
@@ -138,44 +161,26 @@ def import_embeddings(source: Path, index_dir: Path, identity: ModelIdentity, sp
         raise SourceError(f"embeddings folder not found: {source}")
     summary = IndexSummary(index=str(Path(index_dir).resolve()), root=str(source))
     problems: list[Problem] = []
-    pairs = list(read_pairs(source, identity.embed_dim, problems))
+    rows = read_pairs(source, identity.embed_dim, problems)
+    first = next(rows, None)  # a folder that is not an embeddings folder fails here, before the index is touched
 
     def place(path: str) -> str:  # relative paths are taken from --images-root when given
         if images_root is None or "://" in path or Path(path).is_absolute():
             return path
         return str(Path(images_root).expanduser().resolve() / path)
 
-    images: dict[str, np.ndarray] = {}
-    for pair in pairs:
-        if pair.image_path is not None:
-            images.setdefault(place(pair.image_path), pair.image_vector)
     with IndexStore.open_for_writing(Path(index_dir), identity, spec) as store:
-        catalog = store.catalog
         store.lock_root(source)
         vectors = {m: store.load_vectors(m)[0] for m in MODALITIES}
-        root_id = catalog.root_id(source)
-        known = catalog.image_states(root_id)
-        gone = [state.id for rel, state in known.items() if rel not in images]
-        deleted = catalog.delete_items(gone)
-        for held in vectors.values():
-            held.remove(np.asarray(deleted, dtype=np.int64))
-        summary.removed, summary.texts_removed = len(gone), len(deleted) - len(gone)  # captions go with images
-        writes = []
-        for path, vector in images.items():
-            state, digest = known.get(path), _vector_digest(vector)
-            if state is not None and state.sha256 == digest:
-                summary.unchanged += 1
-                continue
-            writes.append(ImageWrite(path, 0, 0, digest, vector=vector, id=state.id if state else None))
-        replaced = [w.id for w in writes if w.id is not None]
-        vectors["image"].remove(np.asarray(replaced, dtype=np.int64))  # once: HNSW scans its map per call
-        summary.updated, summary.added = len(replaced), len(writes) - len(replaced)
-        for start in range(0, len(writes), WRITE_CHUNK):
-            chunk = writes[start:start + WRITE_CHUNK]
-            vectors["image"].add(np.asarray(catalog.write_images(root_id, chunk)), np.stack([w.vector for w in chunk]))
-        summary.encoded_images = 0
-        _sync_captions(store, root_id, pairs, place, vectors, summary)
-        catalog.mark_root_indexed(root_id)
+        later = {m for m, held in vectors.items() if store.spec.params.get("shards") and not held.trained}
+        run = _Import(store, store.catalog.root_id(source), vectors, later, summary)
+        pairs = itertools.chain([first] if first is not None else [], rows)
+        while chunk := list(itertools.islice(pairs, WRITE_CHUNK)):
+            run.write(chunk, place)
+        run.remove_what_is_gone()
+        store.catalog.mark_root_indexed(run.root_id)
+        for modality in later:
+            vectors[modality] = rebuilt(store, modality, store.spec)
         report = finish(store, vectors)
         summary.build = report.as_dict() if report else None
         for modality in MODALITIES:
@@ -185,28 +190,79 @@ def import_embeddings(source: Path, index_dir: Path, identity: ModelIdentity, sp
     return summary
 
 
-def _sync_captions(store: IndexStore, root_id: int, pairs: list[Pair], place, vectors, summary) -> None:
-    """Make the root's texts equal the import's captions, keyed by (image, text, vector); new ones get new ids."""
-    catalog = store.catalog
-    image_ids = {rel: state.id for rel, state in catalog.image_states(root_id).items()}
-    wanted: dict[tuple[int | None, str, str], Pair] = {}
-    for pair in pairs:
-        if pair.caption is not None:
-            image_id = image_ids.get(place(pair.image_path)) if pair.image_path is not None else None
-            wanted.setdefault((image_id, pair.caption, _vector_digest(pair.text_vector)), pair)
-    existing = {(t.image_id, t.text, t.sha256): t.id for t in catalog.text_states(root_id)}
-    stale = [item_id for key, item_id in existing.items() if key not in wanted]
-    vectors["text"].remove(np.asarray(catalog.delete_items(stale), dtype=np.int64))
-    summary.texts_removed += len(stale)
-    new = [(key, pair) for key, pair in wanted.items() if key not in existing]
-    summary.texts_unchanged = len(wanted) - len(new)
-    for start in range(0, len(new), WRITE_CHUNK):
-        chunk = new[start:start + WRITE_CHUNK]
-        writes = [TextWrite(CAPTION if image_id is not None else TEXT, text, digest, f"embeddings:{pair.where}", 0,
-                            image_id, pair.text_vector)
-                  for (image_id, text, digest), pair in chunk]
-        vectors["text"].add(np.asarray(catalog.write_texts(root_id, writes)), np.stack([w.vector for w in writes]))
-        summary.texts_added += len(writes)
+class _Import:
+    """One import's writes, chunk by chunk, and what it has seen, to remove the rest at the end."""
+
+    def __init__(self, store: IndexStore, root_id: int, vectors: dict, later: set[str], summary: IndexSummary):
+        self.catalog, self.root_id, self.summary = store.catalog, root_id, summary
+        self.vectors, self.later = vectors, later  # sides in `later` are built from the catalog at the end
+        self.known = self.catalog.image_states(root_id)
+        self.image_ids = {path: state.id for path, state in self.known.items()}
+        self.seen: set[str] = set()
+        self.existing = {(t.image_id, t.text, t.sha256): t.id for t in self.catalog.text_states(root_id)}
+        self.wanted: set[tuple[int | None, str, str]] = set()
+
+    def write(self, pairs: list[Pair], place) -> None:
+        writes = []
+        for pair in pairs:
+            path = place(pair.image_path) if pair.image_path is not None else None
+            if path is None or path in self.seen:
+                continue  # an image on several rows is one image: its first row's vector counts
+            self.seen.add(path)
+            state, digest = self.known.get(path), _vector_digest(pair.image_vector)
+            if state is not None and state.sha256 == digest:
+                self.summary.unchanged += 1
+                continue
+            writes.append(ImageWrite(path, 0, 0, digest, vector=pair.image_vector, id=state.id if state else None))
+        replaced = np.asarray([w.id for w in writes if w.id is not None], dtype=np.int64)
+        self._remove("image", replaced)
+        self.summary.updated += len(replaced)
+        self.summary.added += len(writes) - len(replaced)
+        if writes:
+            ids = self.catalog.write_images(self.root_id, writes)
+            self.image_ids.update((w.rel, i) for w, i in zip(writes, ids))
+            self._add("image", ids, [w.vector for w in writes])
+        self._write_captions(pairs, place)
+
+    def _write_captions(self, pairs: list[Pair], place) -> None:
+        """Captions keyed by (image, text, vector): a new key is a new text, a known one stays as it is."""
+        new = []
+        for pair in pairs:
+            if pair.caption is None:
+                continue
+            image_id = self.image_ids.get(place(pair.image_path)) if pair.image_path is not None else None
+            key = (image_id, pair.caption, _vector_digest(pair.text_vector))
+            if key in self.wanted:
+                continue
+            self.wanted.add(key)
+            if key in self.existing:
+                self.summary.texts_unchanged += 1
+                continue
+            new.append(TextWrite(CAPTION if image_id is not None else TEXT, pair.caption, key[2],
+                                 f"embeddings:{pair.where}", 0, image_id, pair.text_vector))
+        if new:
+            self._add("text", self.catalog.write_texts(self.root_id, new), [w.vector for w in new])
+            self.summary.texts_added += len(new)
+
+    def remove_what_is_gone(self) -> None:
+        gone = [state.id for path, state in self.known.items() if path not in self.seen]
+        deleted = self.catalog.delete_items(gone)  # with the captions of those images
+        for modality in MODALITIES:
+            self._remove(modality, np.asarray(deleted, dtype=np.int64))
+        deleted_set = set(deleted)
+        stale = [i for key, i in self.existing.items() if key not in self.wanted and i not in deleted_set]
+        self._remove("text", np.asarray(self.catalog.delete_items(stale), dtype=np.int64))
+        self.summary.removed = len(gone)
+        self.summary.texts_removed = len(deleted) - len(gone) + len(stale)
+        self.summary.encoded_images = 0
+
+    def _add(self, modality: str, ids, vectors: list[np.ndarray]) -> None:
+        if modality not in self.later:
+            self.vectors[modality].add(np.asarray(ids, dtype=np.int64), np.stack(vectors))
+
+    def _remove(self, modality: str, ids: np.ndarray) -> None:
+        if modality not in self.later and len(ids):
+            self.vectors[modality].remove(ids)
 
 
 def export_embeddings(index_dir: Path, out: Path, fmt: str = "parquet") -> dict:

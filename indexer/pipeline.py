@@ -178,8 +178,10 @@ class _Run:
             return
         with self.timer.stage("flush"):
             for modality in sorted(self.dirty):
+                if self.vectors[modality].on_disk and not force:
+                    continue  # each save rewrites the list file: once, at the end (the catalog has every vector)
                 self.store.save_vectors(modality, self.vectors[modality])
-            self.dirty.clear()
+                self.dirty.discard(modality)
             self.last_flush = time.monotonic()
 
 

@@ -210,3 +210,28 @@ def test_shards_apply_to_ivf_kinds_only(invoke, tmp_path):
     invoke("index", "--embeddings", tmp_path / "emb")
     result = invoke("reindex", "--index-type", "hnsw", "--shards", "2", ok=False)
     assert result.exit_code == 2 and "index type hnsw has no setting shards" in result.output
+
+
+def test_an_import_writes_chunk_by_chunk_instead_of_reading_every_row_first(invoke, tmp_path, monkeypatch):
+    import indexer.embeddings as embeddings
+    from indexer.catalog import Catalog
+
+    write_embeddings(tmp_path / "emb", 1_000)
+    monkeypatch.setattr(embeddings, "WRITE_CHUNK", 100)
+    read, at_writes = [0], []
+    original_rows, original_write = embeddings.read_pairs, Catalog.write_images
+
+    def counted_rows(*args):
+        for pair in original_rows(*args):
+            read[0] += 1
+            yield pair
+
+    def noted_write(self, root_id, writes):
+        at_writes.append(read[0])
+        return original_write(self, root_id, writes)
+
+    monkeypatch.setattr(embeddings, "read_pairs", counted_rows)
+    monkeypatch.setattr(Catalog, "write_images", noted_write)
+    summary = json.loads(invoke("index", "--embeddings", tmp_path / "emb", "--json").output)
+    assert summary["added"] == 1_000 and summary["texts_added"] == 1_000
+    assert len(at_writes) == 10 and at_writes[0] <= 101  # rows in memory: a chunk, not the import
