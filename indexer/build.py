@@ -141,17 +141,19 @@ def _batches(store: IndexStore, modality: str, held: VectorStore) -> Iterator[tu
         yield ids[keep], batch[keep]
 
 
-def reindex(index_dir: Path, spec: IndexSpec, device: str = "auto") -> BuildReport:
+def reindex(index_dir: Path, spec: IndexSpec, device: str = "auto", engine: str = "local",
+            ray_address: str | None = None) -> BuildReport:
     """Rebuild the vector files of the index at ``index_dir`` as ``spec``, from stored vectors.
 
     ``device`` auto or cuda trains IVF on the GPU where faiss has one. A spec with ``shards`` is built in
-    bounded memory (:func:`sharded`); any other holds the vectors in RAM while it trains.
+    bounded memory (:func:`sharded`, its shards on Ray with ``engine="ray"``); any other holds the
+    vectors in RAM while it trains.
     """
     started = time.perf_counter()
     with IndexStore.open_locked(Path(index_dir)) as store:
         counts = {m: store.catalog.vector_count(m) for m in MODALITIES}
         small = check_trainable(spec, counts)
-        vectors = {m: rebuilt(store, m, spec, device, trainable=m not in small) for m in MODALITIES}
+        vectors = {m: rebuilt(store, m, spec, device, m not in small, engine, ray_address) for m in MODALITIES}
         previous = store.spec
         store.set_spec(spec)  # first the catalog: an older file left by a crash is then ignored as stale
         try:
@@ -165,12 +167,12 @@ def reindex(index_dir: Path, spec: IndexSpec, device: str = "auto") -> BuildRepo
     return report
 
 
-def rebuilt(store: IndexStore, modality: str, spec: IndexSpec, device: str = "auto",
-            trainable: bool = True) -> VectorStore:
+def rebuilt(store: IndexStore, modality: str, spec: IndexSpec, device: str = "auto", trainable: bool = True,
+            engine: str = "local", ray_address: str | None = None) -> VectorStore:
     """One side's stored vectors in a new store of ``spec``: built in shards on disk when the spec has
     ``shards`` and the side can train, else held in memory (to train, when the kind learns, in finish)."""
     if spec.params.get("shards") and trainable and store.catalog.vector_count(modality) >= MIN_TRAIN[spec.kind]:
-        return sharded(store, modality, spec, device)
+        return sharded(store, modality, spec, device, engine, ray_address)
     held = VectorStore.empty(spec, store.meta.embed_dim)
     held.exact, held.use_gpu = store.fetch_vectors, gpu_wanted(device)
     for ids, batch in store.iter_vectors(modality, ADD_CHUNK):
@@ -178,10 +180,12 @@ def rebuilt(store: IndexStore, modality: str, spec: IndexSpec, device: str = "au
     return held
 
 
-def sharded(store: IndexStore, modality: str, spec: IndexSpec, device: str = "auto") -> VectorStore:
+def sharded(store: IndexStore, modality: str, spec: IndexSpec, device: str = "auto", engine: str = "local",
+            ray_address: str | None = None) -> VectorStore:
     """One side's index built as ``spec["shards"]`` shards merged on disk: trained on a sample, then each
-    shard (a range of ids) read from the catalog batch by batch and added. Memory: the training sample,
-    one batch, one shard's codes; never every vector."""
+    shard (a range of ids) read from the catalog batch by batch and added, here one after another or in
+    Ray tasks side by side (``engine="ray"``). Memory here: the training sample, one batch, one shard's
+    codes; never every vector."""
     ids = store.catalog.vector_ids(modality)
     rng = np.random.default_rng(0)
     picked = ids if len(ids) <= TRAIN_SAMPLE else np.sort(rng.choice(ids, TRAIN_SAMPLE, replace=False))
@@ -189,6 +193,13 @@ def sharded(store: IndexStore, modality: str, spec: IndexSpec, device: str = "au
     held = VectorStore.empty(spec, store.meta.embed_dim)
     held.exact, held.use_gpu = store.fetch_vectors, gpu_wanted(device)
     ranges = [(int(part[0]), int(part[-1])) for part in np.array_split(ids, spec.params["shards"]) if len(part)]
-    shards = (store.iter_vectors(modality, ADD_CHUNK, first, last) for first, last in ranges)
+    if engine == "ray":
+        from .distributed import shards_on_ray
+
+        def shards(trained, work):
+            return shards_on_ray(store.catalog.location, store.meta.embed_dim, modality, trained, ranges, work,
+                                 ray_address)
+    else:
+        shards = (store.iter_vectors(modality, ADD_CHUNK, first, last) for first, last in ranges)
     held.build_sharded(sample, len(ids), shards, store.vector_path(modality))
     return held

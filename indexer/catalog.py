@@ -172,6 +172,7 @@ class Catalog:
     def __init__(self, location: Path | str, read_only: bool = False):
         """``read_only`` opens the catalog so that nothing can write it (a server): the schema must be current."""
         self.dialect = dialect_for(location, read_only)
+        self.location = location  # to open it again elsewhere (a Ray task)
         self.where = self.dialect.where  # for messages (a URL without its password)
         self.read_only = read_only
         self.engine: Engine = self.dialect.make_engine()

@@ -8,10 +8,14 @@ shard in clip-retrieval's layout under the index folder, then ingests it with th
 write stage. A run that is killed leaves its finished shards behind: the next run ingests them
 without encoding again (they are kept per file path, size and mtime, and per model), and deletes
 the folder once everything in it is in the catalog.
+
+``reindex --shards N --engine ray`` (and an import's sharded build) writes the shards of an on-disk
+index in Ray tasks (:func:`shards_on_ray`), each reading its range of ids from the catalog itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -83,13 +87,7 @@ def encode_with_ray(run, root_id: int, jobs: list) -> None:
 def _encoded_on_ray(tasks: list[dict], settings: EncodeSettings, preprocess, address: str | None) -> Iterator[dict]:
     if not tasks:
         return
-    ray = _ray()
-    started_here = not ray.is_initialized()
-    if started_here:
-        cpus = os.cpu_count() or 1
-        ray.init(address=address, num_cpus=None if address else cpus, include_dashboard=False,
-                 log_to_driver=False, logging_level="ERROR", configure_logging=False)
-    try:
+    with _session(address) as ray:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the CLI shows its own, from the run's progress reports
         logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -106,6 +104,48 @@ def _encoded_on_ray(tasks: list[dict], settings: EncodeSettings, preprocess, add
         data = data.map(_ShardEncoder, fn_constructor_kwargs={"settings": settings, "threads": pool["num_cpus"]},
                         compute=ray.data.ActorPoolStrategy(size=actors), **pool)
         yield from data.iter_rows()
+
+
+def shards_on_ray(location: Path | str, dim: int, modality: str, trained: np.ndarray,
+                  ranges: list[tuple[int, int]], work: Path, address: str | None = None) -> list[Path]:
+    """Write one shard file per id range under ``work``, each in a Ray task that reads its vectors from the
+    catalog at ``location`` and adds them to a copy of ``trained`` (a serialized, trained, empty index).
+
+    Every task's node needs the catalog: a PostgreSQL URL, or the SQLite file on a shared file system.
+    """
+    with _session(address) as ray:
+        task = ray.remote(num_cpus=1)(_write_shard)
+        refs = [task.remote(location, dim, modality, trained, first, last, str(work / f"shard-{i}.index"))
+                for i, (first, last) in enumerate(ranges)]
+        return [Path(p) for p in ray.get(refs)]
+
+
+def _write_shard(location, dim: int, modality: str, trained: np.ndarray, first: int, last: int, out: str) -> str:
+    from . import ondisk
+    from .build import ADD_CHUNK
+    from .catalog import Catalog
+
+    catalog = Catalog(location, read_only=True)
+    try:
+        # One thread: the task holds one CPU, and the cluster runs as many tasks as it has CPUs.
+        ondisk.write_serialized_shard(trained, catalog.iter_vectors(modality, dim, ADD_CHUNK, first, last),
+                                      Path(out), threads=1)
+    finally:
+        catalog.close()
+    return out
+
+
+@contextlib.contextmanager
+def _session(address: str | None):
+    """Ray, started for the block (a local one without ``address``) unless this process has it already."""
+    ray = _ray()
+    started_here = not ray.is_initialized()
+    if started_here:
+        cpus = os.cpu_count() or 1
+        ray.init(address=address, num_cpus=None if address else cpus, include_dashboard=False,
+                 log_to_driver=False, logging_level="ERROR", configure_logging=False)
+    try:
+        yield ray
     finally:
         if started_here:
             ray.shutdown()

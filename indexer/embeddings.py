@@ -146,12 +146,14 @@ def _vector_digest(vector: np.ndarray) -> str:
 
 
 def import_embeddings(source: Path, index_dir: Path, identity: ModelIdentity, spec: IndexSpec | None = None,
-                      images_root: Path | None = None) -> IndexSummary:
+                      images_root: Path | None = None, engine: str = "local",
+                      ray_address: str | None = None) -> IndexSummary:
     """Index precomputed vectors from ``source`` (clip-retrieval layout) as one root of ``index_dir``.
 
     Rows are read and written ``WRITE_CHUNK`` at a time, so memory holds a chunk of vectors, not the
     import (plus the root's paths and caption keys, to find what is gone). A side that a spec with
-    ``shards`` has not trained yet is built at the end from the catalog, shard by shard.
+    ``shards`` has not trained yet is built at the end from the catalog, shard by shard (in Ray tasks
+    with ``engine="ray"``).
     """
     from .pipeline import IndexSummary  # the pipeline imports torch, which export_embeddings does without
 
@@ -180,7 +182,7 @@ def import_embeddings(source: Path, index_dir: Path, identity: ModelIdentity, sp
         run.remove_what_is_gone()
         store.catalog.mark_root_indexed(run.root_id)
         for modality in later:
-            vectors[modality] = rebuilt(store, modality, store.spec)
+            vectors[modality] = rebuilt(store, modality, store.spec, engine=engine, ray_address=ray_address)
         report = finish(store, vectors)
         summary.build = report.as_dict() if report else None
         for modality in MODALITIES:

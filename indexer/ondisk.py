@@ -21,7 +21,7 @@ import ctypes
 import os
 import secrets
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import faiss
@@ -65,15 +65,32 @@ def read(path: Path):
     return index
 
 
-def build(trained, shards: Iterable[Iterable[tuple[np.ndarray, np.ndarray]]], home: Path) -> object:
+ShardWriter = Callable[[np.ndarray, Path], list[Path]]  # (serialized trained index, folder) -> shard files
+
+
+def build(trained, shards: Iterable[Iterable[tuple[np.ndarray, np.ndarray]]] | ShardWriter, home: Path) -> object:
     """An on-disk index holding every ``(ids, vectors)`` chunk of every shard, its lists in a new list file
-    beside ``home`` (the vector file it is for). Memory: one shard's codes at a time."""
+    beside ``home`` (the vector file it is for). Memory: one shard's codes at a time.
+
+    ``shards`` may instead be a function that writes the shard files itself (on Ray: indexer.distributed).
+    """
     work = _work_dir(Path(home))
     try:
-        files = [write_shard(trained, chunks, work / f"shard-{i}.index") for i, chunks in enumerate(shards)]
+        if callable(shards):
+            files = shards(faiss.serialize_index(trained), work)
+        else:
+            files = [write_shard(trained, chunks, work / f"shard-{i}.index") for i, chunks in enumerate(shards)]
         return merge(trained, files, home)
     finally:
         _remove_dir(work)
+
+
+def write_serialized_shard(trained: np.ndarray, chunks: Iterable[tuple[np.ndarray, np.ndarray]], out: Path,
+                           threads: int | None = None) -> Path:
+    """:func:`write_shard` from a serialized trained index, in another process (a Ray task)."""
+    if threads:
+        faiss.omp_set_num_threads(threads)
+    return write_shard(faiss.deserialize_index(trained), chunks, out)
 
 
 def write_shard(trained, chunks: Iterable[tuple[np.ndarray, np.ndarray]], out: Path) -> Path:

@@ -120,10 +120,12 @@ class VectorStore:
         self._pending_ids, self._pending = np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), np.float32)
         self.add(ids, vectors)
 
-    def build_sharded(self, sample: np.ndarray, n: int, shards: Iterable[Iterable[tuple[np.ndarray, np.ndarray]]],
+    def build_sharded(self, sample: np.ndarray, n: int,
+                      shards: Iterable[Iterable[tuple[np.ndarray, np.ndarray]]] | ondisk.ShardWriter,
                       home: Path) -> None:
         """Train on ``sample`` (for ``n`` vectors), then add ``shards`` (each an iterable of (ids, vectors)
-        chunks) one shard at a time, merged into a list file beside ``home``: memory for one shard's codes."""
+        chunks) one shard at a time, merged into a list file beside ``home``: memory for one shard's codes.
+        ``shards`` may be a function writing the shard files elsewhere (:func:`indexer.ondisk.build`)."""
         if self.backend is not None or len(self._pending_ids):
             raise CrossmodalError("internal: a sharded build starts from an empty, untrained store")
         self.train(sample, n)

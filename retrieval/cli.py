@@ -27,6 +27,7 @@ from .cli_vectors import duplicates_cmd, echo_build, export_cmd, reindex_cmd, ve
 from .options import (  # noqa: E402
     ProgressBars,
     domain_errors,
+    engine_options,
     index_option,
     index_type_options,
     json_option,
@@ -77,10 +78,7 @@ def cli() -> None:
               help="Let a ROOT that holds no images any more remove all its images from the index.")
 @click.option("--flush-seconds", type=click.FloatRange(0), default=30.0, show_default=True,
               help="How often vector files are written during a run (the catalog commits every batch).")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="ray: decode and encode on a Ray cluster (pip install 'crossmodal-search[distributed]').")
-@click.option("--ray-address", metavar="ADDR", envvar="CROSSMODAL_RAY_ADDRESS", default=None,
-              help="With --engine ray: the cluster (HOST:6379, or ray://HOST:10001) [default: a local Ray].")
+@engine_options
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("-v", "--verbose", is_flag=True, help="After the run, list each file the image libraries warned "
                                                     "about, with what they said.")
@@ -107,7 +105,7 @@ def index_cmd(root, embeddings, images_root, index_dir, model, pretrained, devic
     if embeddings is not None:
         from indexer.embeddings import import_embeddings
 
-        summary = import_embeddings(embeddings, index_dir, encoder.identity, spec, images_root)
+        summary = import_embeddings(embeddings, index_dir, encoder.identity, spec, images_root, engine, ray_address)
     else:
         options = IndexOptions(captions=tuple(captions), texts=tuple(texts), include_hidden=include_hidden,
                                exclude=tuple(exclude), batch_size=batch_size, workers=workers,

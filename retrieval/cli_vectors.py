@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .options import domain_errors, index_option, index_type_options, json_option
+from .options import domain_errors, engine_options, index_option, index_type_options, json_option
 
 
 def echo_build(build: dict) -> None:
@@ -52,19 +52,21 @@ def export_cmd(out, index_dir, fmt, as_json):
 @index_type_options(required=True)
 @click.option("--device", envvar="CROSSMODAL_DEVICE", default="auto", show_default=True, show_envvar=True,
               help="auto, cpu or cuda: where faiss trains IVF (GPU only with faiss-gpu installed).")
+@engine_options
 @json_option
 @domain_errors
-def reindex_cmd(index_dir, spec, device, as_json):
+def reindex_cmd(index_dir, spec, device, engine, ray_address, as_json):
     """Rebuild the vector index as another type from the stored vectors (nothing is encoded again).
 
     \b
     crossmodal reindex --index-type hnsw
     crossmodal reindex --index-type ivfpq --pq-bytes 32 --target-recall 0.95
     crossmodal reindex --index-type auto --memory-budget 2GB
+    crossmodal reindex --index-type ivfpq --shards 16 --engine ray   # bigger than RAM, shards on Ray
     """
     from indexer.build import reindex
 
-    report = reindex(index_dir, spec, device)
+    report = reindex(index_dir, spec, device, engine, ray_address)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
         return

@@ -146,6 +146,16 @@ def index_type_options(required: bool = False):
     return decorator
 
 
+def engine_options(func):
+    """--engine and --ray-address: where the heavy part of a command runs."""
+    func = click.option("--ray-address", metavar="ADDR", envvar="CROSSMODAL_RAY_ADDRESS", default=None,
+                        help="With --engine ray: the cluster (HOST:6379, or ray://HOST:10001) "
+                             "[default: a local Ray].")(func)
+    return click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                        help="ray: decode and encode on a Ray cluster, and write the shards of --shards in Ray "
+                             "tasks (pip install 'crossmodal-search[distributed]').")(func)
+
+
 class ProgressBars:
     """The library's progress reports, ``(stage, done, total)``, as tqdm bars on stderr (one per stage).
 

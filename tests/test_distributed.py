@@ -101,3 +101,33 @@ def test_a_killed_run_ingests_its_written_shards_without_encoding_them(tmp_path,
     reference = update_index(corpus, tmp_path / "local", encoder, opts())
     assert reference.added == 21 - 1 and vectors_by_path(tmp_path / "local")[0].keys() == found.keys()
     assert not (tmp_path / "idx" / "ray-shards").exists()
+
+
+def test_shards_written_in_ray_tasks_make_the_index_the_local_engine_makes(local_ray, tmp_path):
+    from indexer.build import reindex
+    from indexer.embeddings import import_embeddings
+    from indexer.identity import ModelIdentity
+    from indexer.spec import IndexSpec
+    from indexer.vectors import VectorStore
+
+    rng = np.random.default_rng(5)
+    emb = tmp_path / "emb"
+    for name in ("img_emb", "text_emb", "metadata"):
+        (emb / name).mkdir(parents=True)
+    vectors = rng.standard_normal((3_000, 16)).astype(np.float32)
+    np.save(emb / "img_emb" / "img_emb_0.npy", vectors)
+    (emb / "metadata" / "metadata_0.jsonl").write_text("".join(f'{{"image_path": "/p/{i}.jpg"}}\n'
+                                                               for i in range(3_000)))
+    identity = ModelIdentity("fake", "none", 16)
+    spec = IndexSpec("ivf", params={"nlist": 32, "shards": 3})
+    found = {}
+    for engine in ("local", "ray"):
+        index = tmp_path / engine
+        import_embeddings(emb, index, identity)
+        reindex(index, spec, "cpu", engine=engine)
+        with IndexStore.open(index) as store:
+            held = store.load_vectors("image")[0]
+            assert held.on_disk and len(held) == 3_000
+            found[engine] = held.search(vectors[:50], 10, nprobe=8)
+    assert (found["ray"][1] == found["local"][1]).all()  # same training, same shards: the same index
+    assert isinstance(held, VectorStore) and not list((tmp_path / "ray").glob(".image-shards-*"))
