@@ -16,6 +16,7 @@ import numpy as np
 
 from . import ondisk
 from .errors import CrossmodalError
+from .ondisk_changes import Changes, rewrite
 from .spec import BINARY, IndexSpec
 
 # From this share of the corpus admitted, a flat index over-fetches unfiltered instead (Flat._overfetched).
@@ -129,8 +130,9 @@ class Backend:
         ondisk.remove_unused(path, keep=None)
 
     def _on_gpu(self, use_gpu: bool):
-        """A GPU copy when asked for and faiss has a GPU; None (search on the CPU) otherwise."""
-        if not use_gpu or not gpu_count():
+        """A GPU copy when asked for and faiss has a GPU; None (search on the CPU) otherwise, and for lists
+        on disk (a copy would read them all: they are on disk because they are big)."""
+        if not use_gpu or self.on_disk or not gpu_count():
             return None
         if self._gpu is None:
             try:
@@ -192,7 +194,7 @@ class IVF(Backend):
     def __init__(self, spec: IndexSpec, dim: int, index, home: Path | None = None):
         super().__init__(spec, dim, index)
         self.home = home
-        self.changes = ondisk.Changes(index) if ondisk.is_on_disk(index) else None
+        self.changes = Changes(index) if ondisk.is_on_disk(index) else None
 
     @property
     def on_disk(self) -> bool:
@@ -215,7 +217,7 @@ class IVF(Backend):
 
     def move_to_disk(self, home: Path) -> None:
         """Lists built in memory into a list file beside ``home`` (a spec with ``shards`` serves them mapped)."""
-        self._replace(ondisk.rewrite(self.index, home), home)
+        self._replace(rewrite(self.index, home), home)
 
     def write(self, path: Path) -> None:
         if not self.on_disk:
@@ -230,12 +232,18 @@ class IVF(Backend):
         ondisk.remove_unused(path, keep=ondisk.data_file(self.index))
 
     def _apply_changes(self) -> None:
-        if self.on_disk and self.changes.changed:
+        """Merge waiting changes into a new list file: before a write, and before a writer's own search."""
+        if not (self.on_disk and self.changes.changed):
+            return
+        try:
             self._replace(self.changes.applied(self.home), self.home)
+        except (RuntimeError, OSError) as exc:  # a full disk, mostly: the file named so far stays as it was
+            raise CrossmodalError(f"cannot write a new list file beside {self.home}: {exc}; "
+                                  "the saved index is unchanged") from exc
 
     def _replace(self, index, home: Path) -> None:
         self.index, self.home, self._gpu = index, Path(home), None
-        self.changes = ondisk.Changes(index)
+        self.changes = Changes(index)
 
     def ivf(self):
         return faiss.extract_index_ivf(self.index)

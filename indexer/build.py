@@ -18,7 +18,7 @@ import numpy as np
 from .spec import LEARNED, MIN_TRAIN, TRAIN_SAMPLE, IndexSpec, TooFewVectors
 from .store import MODALITIES, IndexStore
 from .tuning import SEARCH_SETTING, TUNING_K, choose, tune, tuning_picks
-from .vectors import VectorStore, gpu_wanted, streamed_top_k
+from .vectors import VectorStore, exact_top_k, gpu_wanted, streamed_top_k
 
 RETUNE_GROWTH = 2.0  # tune again once a modality holds this many times the vectors it was tuned for
 ADD_CHUNK = 50_000
@@ -66,6 +66,9 @@ def finish(store: IndexStore, vectors: dict[str, VectorStore], retune: bool = Fa
         spec = choose(max(counts.values()), store.meta.embed_dim, auto["memory_budget"], auto["target_recall"])
         for modality, held in list(vectors.items()):
             vectors[modality] = _moved(held, spec)
+    for held in vectors.values():  # a store trained before (a sharded build) has learned the code size
+        if held.trained and held.spec.kind == spec.kind and held.spec.params.get("m") and not spec.params.get("m"):
+            spec = spec.with_params(m=held.spec.params["m"])
     small = check_trainable(spec, {m: n for m, n in counts.items() if not vectors[m].trained})
     report = BuildReport(spec.describe(), 0.0, exact={m: counts[m] for m in small})
     # Vectors held aside until training are all of that side's: tuning needs them, not read again.
@@ -121,8 +124,10 @@ def _tune(store: IndexStore, vectors: dict[str, VectorStore], spec: IndexSpec, c
         query_ids = ids[source][picked]
         queries = in_memory[source][1][picked] if source in in_memory else store.fetch_vectors(query_ids)
         exclude = None if source == other else query_ids
-        base = [in_memory[modality]] if modality in in_memory else _batches(store, modality, held)
-        truth = streamed_top_k(queries, base, TUNING_K, exclude)[1]
+        if modality in in_memory:  # held aside for training: blockwise, a (queries, block) matrix at a time
+            truth = exact_top_k(queries, in_memory[modality][1], in_memory[modality][0], TUNING_K, exclude)[1]
+        else:
+            truth = streamed_top_k(queries, _batches(store, modality, held), TUNING_K, exclude)[1]
         tuning = tune(held, queries, truth, target, exclude)
         report.tuning[modality] = {**asdict(tuning), "queries_from": source}
         values.append(tuning.value)
@@ -137,7 +142,8 @@ def _batches(store: IndexStore, modality: str, held: VectorStore) -> Iterator[tu
     """The stored vectors of the ids a trained side holds, in batches (ids the file lacks are left out)."""
     wanted = np.sort(held.ids())
     for ids, batch in store.iter_vectors(modality, ADD_CHUNK):
-        keep = np.isin(ids, wanted, assume_unique=True)
+        where = np.searchsorted(wanted, ids).clip(0, max(0, len(wanted) - 1))
+        keep = wanted[where] == ids if len(wanted) else np.zeros(len(ids), dtype=bool)
         yield ids[keep], batch[keep]
 
 

@@ -20,7 +20,7 @@ import json
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,25 +55,44 @@ def _shard_number(path: Path) -> int:
     return int(found.group(1)) if found else -1
 
 
-def _metadata(directory: Path, number: int) -> tuple[Path, int, Iterator[dict]]:
-    """The shard's metadata file, its row count, and its rows one at a time (read in batches, not whole)."""
+@dataclass(frozen=True)
+class _Shard:
+    images: Path
+    texts: Path | None
+    metadata: Path
+    rows: int
+
+
+def _metadata_file(directory: Path, number: int) -> Path:
     for suffix in (".parquet", ".jsonl"):
         path = directory / "metadata" / f"metadata_{number}{suffix}"
         if path.is_file():
-            break
-    else:
-        raise SourceError(f"no metadata/metadata_{number}.parquet or .jsonl beside img_emb_{number}.npy in {directory}")
+            return path
+    raise SourceError(f"no metadata/metadata_{number}.parquet or .jsonl beside img_emb_{number}.npy in {directory}")
+
+
+def _parquet():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - pyarrow is a dependency
+        raise SourceError("reading .parquet metadata needs pyarrow: pip install pyarrow") from None
+    return pq
+
+
+def _count_rows(path: Path) -> int:
+    """Rows of a metadata file; a JSON line that does not parse is an error here, before anything is written."""
     if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:  # pragma: no cover - pyarrow is a dependency
-            raise SourceError("reading .parquet metadata needs pyarrow: pip install pyarrow") from None
-        table = pq.ParquetFile(path)
-        rows = (row for batch in table.iter_batches(batch_size=WRITE_CHUNK) for row in batch.to_pylist())
-        return path, table.metadata.num_rows, rows
-    with open(path, encoding="utf-8", errors="replace") as f:
-        count = sum(1 for line in f if line.strip())
-    return path, count, _json_lines(path)
+        return _parquet().ParquetFile(path).metadata.num_rows
+    return sum(1 for _ in _json_lines(path))
+
+
+def _metadata_rows(path: Path) -> Iterator[dict]:
+    """A metadata file's rows one at a time, read in batches rather than whole."""
+    if path.suffix == ".parquet":
+        for batch in _parquet().ParquetFile(path).iter_batches(batch_size=WRITE_CHUNK):
+            yield from batch.to_pylist()
+    else:
+        yield from _json_lines(path)
 
 
 def _json_lines(path: Path) -> Iterator[dict]:
@@ -86,38 +105,46 @@ def _json_lines(path: Path) -> Iterator[dict]:
                     raise SourceError(f"{path}:{number}: not JSON ({exc.msg}); fix or remove that line") from None
 
 
-def _shards(directory: Path, dim: int) -> list[Path]:
-    """The image shards, checked before anything is written: vectors of another size stop the import whole."""
-    shards = sorted((directory / "img_emb").glob("img_emb_*.npy"), key=_shard_number)
-    if not shards:
+def _shards(directory: Path, dim: int, problems: list[Problem]) -> list[_Shard]:
+    """The shards to read, every one checked before anything is written: a missing metadata file, a line
+    that is not JSON or vectors of another size stop the import whole; a shard whose files disagree on
+    the row count is skipped as a problem."""
+    images = sorted((directory / "img_emb").glob("img_emb_*.npy"), key=_shard_number)
+    if not images:
         raise SourceError(f"no img_emb/img_emb_*.npy under {directory}: is it clip-retrieval's embeddings folder?")
-    for image_file in shards:
-        text_file = directory / "text_emb" / f"text_emb_{_shard_number(image_file)}.npy"
-        for path in (image_file, text_file) if text_file.is_file() else (image_file,):
-            shape = np.load(path, mmap_mode="r").shape
+    shards = []
+    for image_file in images:
+        number = _shard_number(image_file)
+        text_file = directory / "text_emb" / f"text_emb_{number}.npy"
+        shard = _Shard(image_file, text_file if text_file.is_file() else None, _metadata_file(directory, number), 0)
+        shapes = {f: np.load(f, mmap_mode="r").shape for f in (shard.images, shard.texts) if f is not None}
+        rows = _count_rows(shard.metadata)
+        sizes = {**{f.name: shape[0] for f, shape in shapes.items()}, shard.metadata.name: rows}
+        if len(set(sizes.values())) != 1 or len(shapes[image_file]) != 2:
+            problems.append(Problem(str(image_file), f"shard skipped: row counts differ ({sizes})"))
+            continue
+        for path, shape in shapes.items():
             if len(shape) == 2 and shape[1] != dim:
                 raise SourceError(f"{path} holds {shape[1]}-d vectors but the model makes {dim}-d ones; "
                                   "import with the --model/--pretrained that produced them")
+        shards.append(replace(shard, rows=rows))
     return shards
 
 
 def read_pairs(directory: Path, dim: int, problems: list[Problem]) -> Iterator[Pair]:
-    """Every row of every shard under ``directory``, one at a time; unusable rows become problems, not errors."""
-    directory = Path(directory)
-    for image_file in _shards(directory, dim):
-        number = _shard_number(image_file)
-        images = np.load(image_file, mmap_mode="r")
-        text_file = directory / "text_emb" / f"text_emb_{number}.npy"
-        texts = np.load(text_file, mmap_mode="r") if text_file.is_file() else None
-        meta_file, count, rows = _metadata(directory, number)
-        sizes = {image_file.name: len(images), meta_file.name: count}
-        if texts is not None:
-            sizes[text_file.name] = len(texts)
-        if len(set(sizes.values())) != 1 or images.ndim != 2:
-            problems.append(Problem(str(image_file), f"shard skipped: row counts differ ({sizes})"))
-            continue
-        for row, meta in enumerate(rows):
-            where = f"{meta_file.name}:{row}"
+    """Every row of every shard under ``directory``, one at a time; unusable rows become problems, not errors.
+
+    The shards are checked when this is called, before the first row is asked for.
+    """
+    return _pairs(_shards(Path(directory), dim, problems), problems)
+
+
+def _pairs(shards: list[_Shard], problems: list[Problem]) -> Iterator[Pair]:
+    for shard in shards:
+        images = np.load(shard.images, mmap_mode="r")
+        texts = np.load(shard.texts, mmap_mode="r") if shard.texts is not None else None
+        for row, meta in enumerate(_metadata_rows(shard.metadata)):
+            where = f"{shard.metadata.name}:{row}"
             image_path, caption = meta.get("image_path"), meta.get("caption")
             if image_path is None and caption is None:
                 problems.append(Problem(where, "row has neither image_path nor caption; skipped"))
@@ -163,8 +190,7 @@ def import_embeddings(source: Path, index_dir: Path, identity: ModelIdentity, sp
         raise SourceError(f"embeddings folder not found: {source}")
     summary = IndexSummary(index=str(Path(index_dir).resolve()), root=str(source))
     problems: list[Problem] = []
-    rows = read_pairs(source, identity.embed_dim, problems)
-    first = next(rows, None)  # a folder that is not an embeddings folder fails here, before the index is touched
+    pairs = read_pairs(source, identity.embed_dim, problems)  # checks every shard before the index is touched
 
     def place(path: str) -> str:  # relative paths are taken from --images-root when given
         if images_root is None or "://" in path or Path(path).is_absolute():
@@ -176,9 +202,9 @@ def import_embeddings(source: Path, index_dir: Path, identity: ModelIdentity, sp
         vectors = {m: store.load_vectors(m)[0] for m in MODALITIES}
         later = {m for m, held in vectors.items() if store.spec.params.get("shards") and not held.trained}
         run = _Import(store, store.catalog.root_id(source), vectors, later, summary)
-        pairs = itertools.chain([first] if first is not None else [], rows)
         while chunk := list(itertools.islice(pairs, WRITE_CHUNK)):
             run.write(chunk, place)
+        run.replace_changed()
         run.remove_what_is_gone()
         store.catalog.mark_root_indexed(run.root_id)
         for modality in later:
@@ -196,13 +222,14 @@ class _Import:
     """One import's writes, chunk by chunk, and what it has seen, to remove the rest at the end."""
 
     def __init__(self, store: IndexStore, root_id: int, vectors: dict, later: set[str], summary: IndexSummary):
-        self.catalog, self.root_id, self.summary = store.catalog, root_id, summary
+        self.store, self.catalog, self.root_id, self.summary = store, store.catalog, root_id, summary
         self.vectors, self.later = vectors, later  # sides in `later` are built from the catalog at the end
         self.known = self.catalog.image_states(root_id)
         self.image_ids = {path: state.id for path, state in self.known.items()}
         self.seen: set[str] = set()
         self.existing = {(t.image_id, t.text, t.sha256): t.id for t in self.catalog.text_states(root_id)}
         self.wanted: set[tuple[int | None, str, str]] = set()
+        self.replaced: list[int] = []  # images whose vector changed: taken out of the index once, at the end
 
     def write(self, pairs: list[Pair], place) -> None:
         writes = []
@@ -216,14 +243,15 @@ class _Import:
                 self.summary.unchanged += 1
                 continue
             writes.append(ImageWrite(path, 0, 0, digest, vector=pair.image_vector, id=state.id if state else None))
-        replaced = np.asarray([w.id for w in writes if w.id is not None], dtype=np.int64)
-        self._remove("image", replaced)
-        self.summary.updated += len(replaced)
-        self.summary.added += len(writes) - len(replaced)
         if writes:
             ids = self.catalog.write_images(self.root_id, writes)
             self.image_ids.update((w.rel, i) for w, i in zip(writes, ids))
-            self._add("image", ids, [w.vector for w in writes])
+            new = [(i, w.vector) for w, i in zip(writes, ids) if w.id is None]
+            self.replaced += [w.id for w in writes if w.id is not None]
+            self.summary.updated += len(writes) - len(new)
+            self.summary.added += len(new)
+            if new:
+                self._add("image", [i for i, _ in new], [v for _, v in new])
         self._write_captions(pairs, place)
 
     def _write_captions(self, pairs: list[Pair], place) -> None:
@@ -245,6 +273,15 @@ class _Import:
         if new:
             self._add("text", self.catalog.write_texts(self.root_id, new), [w.vector for w in new])
             self.summary.texts_added += len(new)
+
+    def replace_changed(self) -> None:
+        """The changed images' new vectors into the index: one removal (HNSW and flat scan their whole id map
+        per removal), then the stored vectors in batches."""
+        replaced = np.asarray(sorted(self.replaced), dtype=np.int64)
+        self._remove("image", replaced)
+        for start in range(0, len(replaced), WRITE_CHUNK):
+            batch = replaced[start:start + WRITE_CHUNK]
+            self._add("image", batch, list(self.store.fetch_vectors(batch)))
 
     def remove_what_is_gone(self) -> None:
         gone = [state.id for path, state in self.known.items() if path not in self.seen]

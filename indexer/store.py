@@ -22,7 +22,7 @@ from .errors import CatalogDamaged, CrossmodalError, IndexLocked, IndexNotFound,
 from .identity import ModelIdentity
 from .layout import CATALOG_FILE, LIST_FILE_SUFFIX, LOCK_FILE, MODALITIES
 from .location import bind_catalog, bound_catalog, catalog_location
-from .spec import IndexSpec
+from .spec import MIN_TRAIN, IndexSpec
 from .vectors import StaleVectorFile, VectorStore
 
 WRITERS = "writers"  # the advisory lock every writer shares and reindex/verify take alone
@@ -229,6 +229,12 @@ class IndexStore:
         if vectors.dim != dim:
             raise CrossmodalError(f"{path} holds {vectors.dim}-d vectors but the catalog says {dim}-d; "
                                   "delete the file and re-run `crossmodal index` to rebuild it from the catalog")
+        if self._rebuild_on_disk(vectors, modality):
+            from .build import sharded  # build imports this module
+
+            vectors = sharded(self, modality, spec)
+            vectors.exact = functools.partial(self.fetch_vectors, strict=False)
+            return vectors, SyncReport(len(vectors), 0, problem)  # added: the caller saves it
         vectors.exact = functools.partial(self.fetch_vectors, strict=False)  # re-ranking tolerates deletions
         if vectors.on_disk and not self.writable:
             # Catching up would copy the whole list file: a reader searches what the last writer saved
@@ -237,6 +243,13 @@ class IndexStore:
         expected = self.catalog.vector_ids(modality)
         added, removed = vectors.sync(expected, self.fetch_vectors)
         return vectors, SyncReport(added, removed, problem)
+
+    def _rebuild_on_disk(self, vectors: VectorStore, modality: str) -> bool:
+        """Whether a writer must build a ``shards`` index from the catalog: its file is missing, stale or
+        damaged, and catching up in memory would hold every vector."""
+        spec = self.spec
+        return (self.writable and bool(spec.params.get("shards")) and not vectors.trained
+                and self.catalog.vector_count(modality) >= MIN_TRAIN[spec.kind])
 
     def fetch_vectors(self, ids, strict: bool = True) -> np.ndarray:
         """Stored (full, exact) vectors for catalog ids, in that order."""

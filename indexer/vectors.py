@@ -35,6 +35,7 @@ OPQ_ITERATIONS = 20
 # A filter admitting at most this share of the vectors is searched exactly over just those: the
 # index would visit mostly vectors it must then skip.
 EXACT_SHARE = 0.02
+SYNC_CHUNK = 50_000  # vectors fetched from the catalog at a time when a file catches up
 
 
 class VectorStore:
@@ -170,8 +171,8 @@ class VectorStore:
         missing = np.setdiff1d(expected_ids, held, assume_unique=True)
         extra = np.setdiff1d(held, expected_ids, assume_unique=True)
         self.remove(extra)
-        if len(missing):
-            self.add(missing, fetch(missing))
+        for start in range(0, len(missing), SYNC_CHUNK):  # after a crash, maybe a whole run's: in batches
+            self.add(missing[start:start + SYNC_CHUNK], fetch(missing[start:start + SYNC_CHUNK]))
         return len(missing), len(extra)
 
     # -- search ---------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,6 +119,52 @@ def test_list_files_of_a_dead_writer_are_removed_and_a_live_writer_s_are_kept(da
     live.write_bytes(b"another writer's copy in progress")
     VectorStore.load(home, IndexSpec("ivf", params={"nlist": 32, "shards": 2}), DIM).save(home)
     assert not dead.exists() and live.exists()
+
+
+def test_every_vector_removed_leaves_an_empty_on_disk_index_that_saves_loads_and_grows(data, tmp_path):
+    base, ids, queries = data
+    home = tmp_path / "image.faiss"
+    spec = IndexSpec("ivf", params={"nlist": 32, "shards": 2})
+    sharded_store(base, ids, home, parts=2).save(home)
+    emptied = VectorStore.load(home, spec, DIM)
+    assert emptied.remove(ids) == N and len(emptied) == 0
+    emptied.save(home)
+    again = VectorStore.load(home, spec, DIM)
+    assert len(again) == 0 and (again.search(queries[:3], 5)[1] == -1).all()
+    again.add(ids[:50], base[:50])
+    again.save(home)
+    assert sorted(VectorStore.load(home, spec, DIM).ids()) == sorted(ids[:50])
+
+
+def test_no_map_of_a_merged_shard_file_outlives_the_build(data, tmp_path):
+    base, ids, _ = data
+    sharded_store(base, ids, tmp_path / "image.faiss", parts=3).save(tmp_path / "image.faiss")
+    maps = Path("/proc/self/maps").read_text()
+    assert "shard-" not in maps  # deleted shard files would keep their disk space while mapped
+
+
+def test_a_dead_writer_s_build_folder_is_removed_at_the_next_save(data, tmp_path):
+    base, ids, _ = data
+    home = tmp_path / "image.faiss"
+    sharded_store(base, ids, home, parts=2).save(home)
+    left = tmp_path / ".image-shards-999999999-abcdef"
+    left.mkdir()
+    (left / "shard-0.index").write_bytes(b"half a shard")
+    mine = tmp_path / "image.backup.ivfdata"  # not a name we give: not ours to delete
+    mine.write_bytes(b"a user's copy")
+    VectorStore.load(home, IndexSpec("ivf", params={"nlist": 32, "shards": 2}), DIM).save(home)
+    assert not left.exists() and mine.exists()
+
+
+def test_a_missing_list_file_is_named(data, tmp_path):
+    base, ids, _ = data
+    home = tmp_path / "image.faiss"
+    sharded_store(base, ids, home, parts=2).save(home)
+    (lists,) = tmp_path.glob("*.ivfdata")
+    lists.unlink()
+    from indexer.errors import VectorFileError
+    with pytest.raises(VectorFileError, match=f"the list file .*{lists.name} that .*image.faiss names is missing"):
+        VectorStore.load(home, IndexSpec("ivf", params={"nlist": 32, "shards": 2}), DIM)
 
 
 def test_faiss_prints_nothing_to_stdout_which_carries_json(data, tmp_path, capfd):
@@ -235,3 +282,12 @@ def test_an_import_writes_chunk_by_chunk_instead_of_reading_every_row_first(invo
     summary = json.loads(invoke("index", "--embeddings", tmp_path / "emb", "--json").output)
     assert summary["added"] == 1_000 and summary["texts_added"] == 1_000
     assert len(at_writes) == 10 and at_writes[0] <= 101  # rows in memory: a chunk, not the import
+
+
+def test_a_broken_later_shard_stops_the_import_before_anything_is_written(invoke, tmp_path):
+    write_embeddings(tmp_path / "emb", 900)
+    with open(tmp_path / "emb" / "metadata" / "metadata_2.jsonl", "a") as f:
+        f.write("{not json\n")
+    result = invoke("index", "--embeddings", tmp_path / "emb", ok=False)
+    assert result.exit_code == 1 and "metadata_2.jsonl:301: not JSON" in result.output
+    assert not (tmp_path / "idx" / "catalog.sqlite").exists()  # shards 0 and 1 were not written either
