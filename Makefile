@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench demo demo-model clean
+.PHONY: install test test-slow test-all lint bench demo demo-model clean
 
 # Where `make demo` writes its corpus and index, and `make demo-model` its training corpus and run.
 DEMO_DIR ?= .demo
@@ -20,7 +20,15 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -e '.[serve,postgres,distributed,test]'
 	touch $(STAMP)
 
+# The quick suite (about 4 minutes on 2 cores); the slow one (real models end to end, kills, servers,
+# browsers, Ray: about 14 minutes) is `make test-slow`; CI runs both.
 test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
