@@ -28,6 +28,7 @@ import numpy as np
 
 from .errors import VectorFileError
 from .layout import LIST_FILE_SUFFIX
+from .processes import alive
 from .quiet import quiet_stdout
 
 ShardWriter = Callable[[np.ndarray, Path], list[Path]]  # (serialized trained index, folder) -> shard files
@@ -205,7 +206,7 @@ def remove_unused(home: Path, keep: Path | None) -> None:
         if writer is None or (keep is not None and found.name == keep.name):
             continue  # not a file of ours, or the one the vector file names
         pid = int(writer.group(1))
-        if pid != os.getpid() and _alive(pid):
+        if pid != os.getpid() and alive(pid):
             continue
         if found.is_dir():
             shutil.rmtree(found, ignore_errors=True)
@@ -222,13 +223,3 @@ def work_dir(home: Path) -> Path:
     work = home.parent / f".{home.stem}-shards-{os.getpid()}-{secrets.token_hex(3)}"
     work.mkdir()
     return work
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

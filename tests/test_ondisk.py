@@ -109,16 +109,21 @@ def test_changes_go_to_a_new_list_file_and_leave_the_saved_index_whole_until_the
     assert (found == truth).all()  # every list probed: IVF-Flat is exact
 
 
-def test_list_files_of_a_dead_writer_are_removed_and_a_live_writer_s_are_kept(data, tmp_path):
+def test_a_save_removes_what_dead_writers_left_and_keeps_live_writers_and_users_files(data, tmp_path):
     base, ids, _ = data
     home = tmp_path / "image.faiss"
     sharded_store(base, ids, home, parts=2).save(home)
     dead = tmp_path / "image.999999999-0badc0de.ivfdata"
     dead.write_bytes(b"left by a crash")
+    left = tmp_path / ".image-shards-999999999-abcdef"  # a build cut short
+    left.mkdir()
+    (left / "shard-0.index").write_bytes(b"half a shard")
     live = tmp_path / f"image.{os.getppid()}-00000000.ivfdata"
     live.write_bytes(b"another writer's copy in progress")
+    users = tmp_path / "image.backup.ivfdata"  # not a name we give: not ours to delete
+    users.write_bytes(b"a user's copy")
     VectorStore.load(home, IndexSpec("ivf", params={"nlist": 32, "shards": 2}), DIM).save(home)
-    assert not dead.exists() and live.exists()
+    assert not dead.exists() and not left.exists() and live.exists() and users.exists()
 
 
 def test_every_vector_removed_leaves_an_empty_on_disk_index_that_saves_loads_and_grows(data, tmp_path):
@@ -141,19 +146,6 @@ def test_no_map_of_a_merged_shard_file_outlives_the_build(data, tmp_path):
     sharded_store(base, ids, tmp_path / "image.faiss", parts=3).save(tmp_path / "image.faiss")
     maps = Path("/proc/self/maps").read_text()
     assert "shard-" not in maps  # deleted shard files would keep their disk space while mapped
-
-
-def test_a_dead_writer_s_build_folder_is_removed_at_the_next_save(data, tmp_path):
-    base, ids, _ = data
-    home = tmp_path / "image.faiss"
-    sharded_store(base, ids, home, parts=2).save(home)
-    left = tmp_path / ".image-shards-999999999-abcdef"
-    left.mkdir()
-    (left / "shard-0.index").write_bytes(b"half a shard")
-    mine = tmp_path / "image.backup.ivfdata"  # not a name we give: not ours to delete
-    mine.write_bytes(b"a user's copy")
-    VectorStore.load(home, IndexSpec("ivf", params={"nlist": 32, "shards": 2}), DIM).save(home)
-    assert not left.exists() and mine.exists()
 
 
 def test_a_missing_list_file_is_named(data, tmp_path):

@@ -12,6 +12,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from indexer.processes import alive
+
 
 @dataclass(frozen=True)
 class ServerRecord:
@@ -59,20 +61,10 @@ def server_for(index_dir: Path) -> tuple[ServerRecord, str] | None:
             record = ServerRecord(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError):
             continue
-        if not _alive(record.pid):
+        if not alive(record.pid):
             path.unlink(missing_ok=True)  # left by a server that was killed
             continue
         name = record.name_for(index_dir)
         if name is not None:
             return record, name
     return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
