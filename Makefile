@@ -21,7 +21,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 # The quick suite (about 4 minutes on 2 cores); the slow one (real models end to end, kills, servers,
-# browsers, Ray: about 14 minutes) is `make test-slow`; CI runs both.
+# browsers, Ray: about 17 minutes) is `make test-slow`; CI runs both.
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
