@@ -167,8 +167,10 @@ def reindex(index_dir: Path, spec: IndexSpec, device: str = "auto", engine: str 
         except BaseException:
             store.set_spec(previous)
             raise
-        for modality in MODALITIES:
-            store.save_vectors(modality, vectors[modality])
+        for modality, held in vectors.items():
+            if held.on_disk:  # trained by the sharded build, before finish
+                report.trained.setdefault(modality, min(counts[modality], TRAIN_SAMPLE))
+            store.save_vectors(modality, held)
     report.seconds = round(time.perf_counter() - started, 3)
     return report
 

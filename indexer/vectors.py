@@ -36,6 +36,7 @@ OPQ_ITERATIONS = 20
 # index would visit mostly vectors it must then skip.
 EXACT_SHARE = 0.02
 SYNC_CHUNK = 50_000  # vectors fetched from the catalog at a time when a file catches up
+TOP_K_CELLS = 4_000_000  # (query, vector) scores of the exact top-k at a time: ~80 MB of working memory
 
 
 class VectorStore:
@@ -382,7 +383,11 @@ def streamed_top_k(queries: np.ndarray, batches: Iterable[tuple[np.ndarray, np.n
     running top k, so the base may be bigger than RAM (read from the catalog batch by batch)."""
     best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
     best_ids = np.zeros((len(queries), 0), dtype=np.int64)
-    for batch_ids, batch in batches:
+    # Score a slice of the batch at a time: the (queries, slice) scores, their int64 ids and argpartition's
+    # indices take ~20 bytes a cell, so 1,000 queries against a 65,536 batch would need 1.3 GB at once.
+    step = max(k + 1, TOP_K_CELLS // max(1, len(queries)))
+    slices = ((ids[i:i + step], vectors[i:i + step]) for ids, vectors in batches for i in range(0, len(ids), step))
+    for batch_ids, batch in slices:
         if not len(batch_ids):
             continue
         scores = queries @ np.asarray(batch, dtype=np.float32).T

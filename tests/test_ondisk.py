@@ -184,12 +184,18 @@ def test_the_wrong_layout_for_the_spec_is_a_stale_file(data, tmp_path):
         VectorStore.load(home, IndexSpec("ivf", params={"nlist": 32}), DIM)
 
 
-def test_streamed_top_k_over_batches_is_the_exact_top_k(data):
+@pytest.mark.parametrize("cells", [10_000, 4_000_000])  # batches scored in slices of 50 vectors, or whole
+def test_streamed_top_k_over_batches_is_the_exact_top_k(data, monkeypatch, cells):
+    import indexer.vectors
+
+    monkeypatch.setattr(indexer.vectors, "TOP_K_CELLS", cells)
     base, ids, queries = data
     batches = [(ids[i:i + 333], base[i:i + 333]) for i in range(0, N, 333)]
-    want = exact_top_k(queries, base, ids, 10, exclude=ids[:200])
+    scores = queries @ base.T  # brute force, whole: the reference
+    scores[np.arange(200), np.arange(200)] = -np.inf  # query i excludes ids[i]
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :10]
     got = streamed_top_k(queries, iter(batches), 10, exclude=ids[:200])
-    assert (got[1] == want[1]).all() and np.allclose(got[0], want[0])
+    assert (got[1] == ids[order]).all() and np.allclose(got[0], np.take_along_axis(scores, order, 1))
 
 
 # -- through the catalog and the CLI -------------------------------------------------------------------------
@@ -223,6 +229,7 @@ def test_reindex_in_shards_then_search_update_and_verify(invoke, tmp_path):
     report = json.loads(invoke("reindex", "--index-type", "ivf", "--shards", "3", "--target-recall", "0.95",
                                "--json").output)
     assert report["tuning"]["image"]["reached"] and report["tuning"]["image"]["queries_from"] == "text"
+    assert report["trained"] == {"image": 3_000, "text": 3_000}
     assert {p.name.split(".")[0] for p in index.glob("*.ivfdata")} == {"image", "text"}
     with IndexStore.open(index) as store:
         assert store.spec.params["shards"] == 3 and store.load_vectors("image")[0].on_disk
