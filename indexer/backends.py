@@ -21,6 +21,8 @@ from .spec import BINARY, IndexSpec
 
 # From this share of the corpus admitted, a flat index over-fetches unfiltered instead (Flat._overfetched).
 OVERFETCH_SHARE = 0.2
+# Additions to an on-disk index held in memory past this size are merged into a new list file there and then.
+FOLD_BYTES = 512 * 2**20
 MAX_FILTERED_EF = 4096  # an HNSW beam wider than this costs more than the exact search it would replace
 
 
@@ -194,6 +196,7 @@ class IVF(Backend):
     def __init__(self, spec: IndexSpec, dim: int, index, home: Path | None = None):
         super().__init__(spec, dim, index)
         self.home = home
+        self.saved_lists: Path | None = None  # the list file a saved vector file names (readers may map it)
         self.changes = Changes(index) if ondisk.is_on_disk(index) else None
 
     @property
@@ -208,6 +211,8 @@ class IVF(Backend):
             return super().add(ids, vectors)
         self._gpu = None
         self.changes.add(as_ids(ids), as_floats(vectors))
+        if self.changes.pending_bytes() > FOLD_BYTES:  # a long run's additions: into a list file, not RAM
+            self._apply_changes()
 
     def remove(self, ids) -> int:
         if not self.on_disk:
@@ -228,8 +233,8 @@ class IVF(Backend):
     def saved(self, path: Path) -> None:
         if not self.on_disk:
             return super().saved(path)
-        self.home = Path(path)
-        ondisk.remove_unused(path, keep=ondisk.data_file(self.index))
+        self.home, self.saved_lists = Path(path), ondisk.data_file(self.index)
+        ondisk.remove_unused(path, keep=self.saved_lists)
 
     def _apply_changes(self) -> None:
         """Merge waiting changes into a new list file: before a write, and before a writer's own search."""
@@ -242,8 +247,11 @@ class IVF(Backend):
                                   "the saved index is unchanged") from exc
 
     def _replace(self, index, home: Path) -> None:
+        unsaved = ondisk.data_file(self.index) if self.on_disk else None
         self.index, self.home, self._gpu = index, Path(home), None
         self.changes = Changes(index)
+        if unsaved is not None and unsaved != self.saved_lists:  # an earlier fold of this run: no file names it
+            unsaved.unlink(missing_ok=True)
 
     def ivf(self):
         return faiss.extract_index_ivf(self.index)
@@ -440,6 +448,8 @@ def read(path: Path, spec: IndexSpec, dim: int) -> Backend:
             raise WrongKind(f"{spec.kind} in memory")
         found, size = kind_of(index), index.d
         backend = BY_KIND[found](spec, dim, index, Path(path)) if found in ("ivf", "ivfpq") else None
+        if backend is not None:
+            backend.saved_lists = ondisk.data_file(index)
     else:
         try:
             index = faiss.read_index(str(path))

@@ -31,6 +31,12 @@ class Changes:
     def changed(self) -> bool:
         return (self.delta is not None and self.delta.ntotal > 0) or self.removed_count() > 0
 
+    def pending_bytes(self) -> int:
+        """Memory the additions take (codes and ids)."""
+        if self.delta is None:
+            return 0
+        return int(self.delta.ntotal) * (faiss.extract_index_ivf(self.delta).code_size + 8)
+
     def removed_count(self) -> int:
         return 0 if self._gone is None else int(self._gone.sum())
 

@@ -126,6 +126,27 @@ def test_a_save_removes_what_dead_writers_left_and_keeps_live_writers_and_users_
     assert not dead.exists() and not left.exists() and live.exists() and users.exists()
 
 
+def test_additions_past_the_memory_bound_go_to_a_new_list_file_before_the_save(data, tmp_path, monkeypatch):
+    import indexer.backends
+
+    base, ids, queries = data
+    home = tmp_path / "image.faiss"
+    spec = IndexSpec("ivf", params={"nlist": 32, "shards": 2})
+    sharded_store(base[:10_000], ids[:10_000], home, parts=2).save(home)
+    monkeypatch.setattr(indexer.backends, "FOLD_BYTES", 500 * (DIM * 4 + 8))  # 500 IVF-Flat entries
+    writer = VectorStore.load(home, spec, DIM)
+    writer.add(ids[10_000:10_400], base[10_000:10_400])
+    assert len(list_files(tmp_path)) == 1  # 400 wait in memory
+    writer.add(ids[10_400:11_000], base[10_400:11_000])
+    assert len(list_files(tmp_path)) == 2 and writer.backend.changes.pending_bytes() == 0  # folded, unsaved
+    writer.add(ids[11_000:], base[11_000:])
+    assert len(list_files(tmp_path)) == 2  # folded again: the first fold's file went, the saved one stays
+    writer.save(home)
+    again = VectorStore.load(home, spec, DIM)
+    assert sorted(again.ids()) == sorted(ids)
+    assert (again.search(queries, 10, nprobe=32)[1] == exact_top_k(queries, base, ids, 10)[1]).all()
+
+
 def test_every_vector_removed_leaves_an_empty_on_disk_index_that_saves_loads_and_grows(data, tmp_path):
     base, ids, queries = data
     home = tmp_path / "image.faiss"
