@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .ondisk import find_sorted
 from .spec import LEARNED, MIN_TRAIN, TRAIN_SAMPLE, IndexSpec, TooFewVectors
 from .store import MODALITIES, IndexStore
 from .tuning import SEARCH_SETTING, TUNING_K, choose, tune, tuning_picks
@@ -142,8 +143,7 @@ def _batches(store: IndexStore, modality: str, held: VectorStore) -> Iterator[tu
     """The stored vectors of the ids a trained side holds, in batches (ids the file lacks are left out)."""
     wanted = np.sort(held.ids())
     for ids, batch in store.iter_vectors(modality, ADD_CHUNK):
-        where = np.searchsorted(wanted, ids).clip(0, max(0, len(wanted) - 1))
-        keep = wanted[where] == ids if len(wanted) else np.zeros(len(ids), dtype=bool)
+        keep = find_sorted(wanted, ids)[1]
         yield ids[keep], batch[keep]
 
 

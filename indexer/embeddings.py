@@ -20,7 +20,7 @@ import json
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,7 +60,6 @@ class _Shard:
     images: Path
     texts: Path | None
     metadata: Path
-    rows: int
 
 
 def _metadata_file(directory: Path, number: int) -> Path:
@@ -116,10 +115,9 @@ def _shards(directory: Path, dim: int, problems: list[Problem]) -> list[_Shard]:
     for image_file in images:
         number = _shard_number(image_file)
         text_file = directory / "text_emb" / f"text_emb_{number}.npy"
-        shard = _Shard(image_file, text_file if text_file.is_file() else None, _metadata_file(directory, number), 0)
+        shard = _Shard(image_file, text_file if text_file.is_file() else None, _metadata_file(directory, number))
         shapes = {f: np.load(f, mmap_mode="r").shape for f in (shard.images, shard.texts) if f is not None}
-        rows = _count_rows(shard.metadata)
-        sizes = {**{f.name: shape[0] for f, shape in shapes.items()}, shard.metadata.name: rows}
+        sizes = {**{f.name: shape[0] for f, shape in shapes.items()}, shard.metadata.name: _count_rows(shard.metadata)}
         if len(set(sizes.values())) != 1 or len(shapes[image_file]) != 2:
             problems.append(Problem(str(image_file), f"shard skipped: row counts differ ({sizes})"))
             continue
@@ -127,7 +125,7 @@ def _shards(directory: Path, dim: int, problems: list[Problem]) -> list[_Shard]:
             if len(shape) == 2 and shape[1] != dim:
                 raise SourceError(f"{path} holds {shape[1]}-d vectors but the model makes {dim}-d ones; "
                                   "import with the --model/--pretrained that produced them")
-        shards.append(replace(shard, rows=rows))
+        shards.append(shard)
     return shards
 
 
@@ -192,10 +190,12 @@ def import_embeddings(source: Path, index_dir: Path, identity: ModelIdentity, sp
     problems: list[Problem] = []
     pairs = read_pairs(source, identity.embed_dim, problems)  # checks every shard before the index is touched
 
+    root = Path(images_root).expanduser().resolve() if images_root is not None else None
+
     def place(path: str) -> str:  # relative paths are taken from --images-root when given
-        if images_root is None or "://" in path or Path(path).is_absolute():
+        if root is None or "://" in path or Path(path).is_absolute():
             return path
-        return str(Path(images_root).expanduser().resolve() / path)
+        return str(root / path)
 
     with IndexStore.open_for_writing(Path(index_dir), identity, spec) as store:
         store.lock_root(source)

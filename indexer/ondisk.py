@@ -156,6 +156,17 @@ def empty_copy(trained: faiss.Index) -> faiss.Index:
     return index
 
 
+def find_sorted(sorted_set: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, found): where each of ``values`` would sit in ``sorted_set``, and whether it is there.
+
+    A binary search each: np.isin sorts both arrays on every call, which per list or per batch adds up.
+    """
+    if not len(sorted_set):
+        return np.zeros(len(values), dtype=np.int64), np.zeros(len(values), dtype=bool)
+    where = np.searchsorted(sorted_set, values).clip(0, len(sorted_set) - 1)
+    return where, sorted_set[where] == values
+
+
 def list_entries(lists: faiss.InvertedLists, number: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids, codes) of one inverted list, copied out of faiss's memory."""
     size = lists.list_size(number)

@@ -13,7 +13,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .ondisk import empty_copy, list_entries, list_ids, lists_of, merge, trained_empty, work_dir
+from .ondisk import empty_copy, find_sorted, list_entries, list_ids, lists_of, merge, trained_empty, work_dir
 
 SHARD_BYTES = 256 * 2**20  # codes and ids of lists written to one shard file at a time when rewriting
 
@@ -63,10 +63,8 @@ class Changes:
 
     def remove(self, ids: np.ndarray) -> int:
         count = int(self.delta.remove_ids(ids)) if self.delta is not None and self.delta.ntotal else 0
-        held = self.held()
-        where = np.searchsorted(held, ids).clip(0, max(0, len(held) - 1))
-        found = where[(held[where] == ids) & ~self._gone[where]] if len(held) else where[:0]
-        found = np.unique(found)
+        where, present = find_sorted(self.held(), ids)
+        found = np.unique(where[present & ~self._gone[where]]) if len(self._gone) else where[:0]
         self._gone[found] = True
         return count + len(found)
 
@@ -93,7 +91,7 @@ def rewrite(source: faiss.Index, home: Path, removed: np.ndarray | None = None, 
             for lists in sources:
                 ids, codes = list_entries(lists, number)
                 if lists is sources[0] and len(removed) and len(ids):  # not the delta's: it may re-add an id
-                    keep = ~_members(ids, removed)
+                    keep = ~find_sorted(removed, ids)[1]
                     ids, codes = ids[keep], np.ascontiguousarray(codes[keep])
                 if len(ids):
                     lists_of(shard).add_entries(number, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(codes))
@@ -107,8 +105,3 @@ def rewrite(source: faiss.Index, home: Path, removed: np.ndarray | None = None, 
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-
-def _members(ids: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    """Which ``ids`` are in ``sorted_set``: a binary search each, not a sort of both (np.isin) per list."""
-    where = np.searchsorted(sorted_set, ids).clip(0, len(sorted_set) - 1)
-    return sorted_set[where] == ids

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -194,3 +195,30 @@ def either_catalog(request, monkeypatch) -> str | None:
     url = request.getfixturevalue("postgres_catalog")
     monkeypatch.setenv("CROSSMODAL_CATALOG", url)
     return url
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to length 1, as float32."""
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_embeddings(out, n, seed=0, shards=2, fmt="parquet"):
+    """clip-retrieval's layout: n image-caption pairs split over shards; text vectors near their image's."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((30, FAKE_DIM))
+    images = unit(centres[rng.integers(0, 30, n)] + rng.standard_normal((n, FAKE_DIM)) * 0.4)
+    texts = unit(images + rng.standard_normal((n, FAKE_DIM)) * 0.3 + 0.2)
+    for name in ("img_emb", "text_emb", "metadata"):
+        (out / name).mkdir(parents=True, exist_ok=True)
+    for shard, rows in enumerate(np.array_split(np.arange(n), shards)):
+        np.save(out / "img_emb" / f"img_emb_{shard}.npy", images[rows].astype(np.float16))
+        np.save(out / "text_emb" / f"text_emb_{shard}.npy", texts[rows])
+        meta = [{"image_path": f"/data/img{i}.jpg", "caption": f"caption number {i}"} for i in rows]
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(meta), out / "metadata" / f"metadata_{shard}.parquet")
+        else:
+            (out / "metadata" / f"metadata_{shard}.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
+    return images, texts

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import FAKE_DIM
+from conftest import FAKE_DIM, write_embeddings
 
 from indexer.store import IndexStore
 from indexer.vectors import VectorStore
@@ -15,32 +15,6 @@ from retrieval.searcher import Searcher
 def invoke(invoke):
     """The shared CLI runner, asserting success unless told ``ok=False``."""
     return lambda *args, ok=True: invoke(*args, ok=ok)
-
-
-def unit(x):
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
-def write_embeddings(out, n, seed=0, shards=2, fmt="parquet"):
-    """clip-retrieval's layout: n image-caption pairs split over shards; text vectors near their image's."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((30, FAKE_DIM))
-    images = unit(centres[rng.integers(0, 30, n)] + rng.standard_normal((n, FAKE_DIM)) * 0.4)
-    texts = unit(images + rng.standard_normal((n, FAKE_DIM)) * 0.3 + 0.2)
-    for name in ("img_emb", "text_emb", "metadata"):
-        (out / name).mkdir(parents=True, exist_ok=True)
-    for shard, rows in enumerate(np.array_split(np.arange(n), shards)):
-        np.save(out / "img_emb" / f"img_emb_{shard}.npy", images[rows].astype(np.float16))
-        np.save(out / "text_emb" / f"text_emb_{shard}.npy", texts[rows])
-        meta = [{"image_path": f"/data/img{i}.jpg", "caption": f"caption number {i}"} for i in rows]
-        if fmt == "parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            pq.write_table(pa.Table.from_pylist(meta), out / "metadata" / f"metadata_{shard}.parquet")
-        else:
-            (out / "metadata" / f"metadata_{shard}.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
-    return images, texts
 
 
 def held_ids(index):

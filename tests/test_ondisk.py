@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAKE_DIM
+from conftest import unit, write_embeddings
 
 from indexer import ondisk
 from indexer.spec import IndexSpec
@@ -21,10 +21,6 @@ from indexer.vectors import StaleVectorFile, VectorStore, exact_top_k, streamed_
 from retrieval.searcher import Searcher
 
 DIM, N = 32, 12_000
-
-
-def unit(x):
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -226,23 +222,8 @@ def invoke(invoke):
     return lambda *args, ok=True: invoke(*args, ok=ok)
 
 
-def write_embeddings(out, n, seed=0):
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((30, FAKE_DIM))
-    images = unit(centres[rng.integers(0, 30, n)] + rng.standard_normal((n, FAKE_DIM)) * 0.4)
-    texts = unit(images + rng.standard_normal((n, FAKE_DIM)) * 0.3)
-    for name in ("img_emb", "text_emb", "metadata"):
-        (out / name).mkdir(parents=True, exist_ok=True)
-    for shard, rows in enumerate(np.array_split(np.arange(n), 3)):
-        np.save(out / "img_emb" / f"img_emb_{shard}.npy", images[rows])
-        np.save(out / "text_emb" / f"text_emb_{shard}.npy", texts[rows])
-        meta = [{"image_path": f"/data/img{i}.jpg", "caption": f"caption number {i}"} for i in rows]
-        (out / "metadata" / f"metadata_{shard}.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
-    return images, texts
-
-
 def test_reindex_in_shards_then_search_update_and_verify(invoke, tmp_path):
-    images, texts = write_embeddings(tmp_path / "emb", 3_000)
+    images, texts = write_embeddings(tmp_path / "emb", 3_000, shards=3, fmt="jsonl")
     invoke("index", "--embeddings", tmp_path / "emb")
     index = tmp_path / "idx"
     with Searcher.open(index) as searcher:
@@ -261,7 +242,8 @@ def test_reindex_in_shards_then_search_update_and_verify(invoke, tmp_path):
     assert overlap >= 0.9
     # An update writes a new list file and removes the old one; verify finds the files in line with the catalog.
     shutil.rmtree(tmp_path / "emb")
-    write_embeddings(tmp_path / "emb", 3_300, seed=1)  # the same folder again: changed vectors, 300 more pairs
+    # The same folder again: changed vectors, 300 more pairs.
+    write_embeddings(tmp_path / "emb", 3_300, seed=1, shards=3, fmt="jsonl")
     invoke("index", "--embeddings", tmp_path / "emb")
     assert len(list(index.glob("image.*.ivfdata"))) == 1
     with IndexStore.open(index) as store:
@@ -273,7 +255,7 @@ def test_reindex_in_shards_then_search_update_and_verify(invoke, tmp_path):
 
 
 def test_shards_apply_to_ivf_kinds_only(invoke, tmp_path):
-    write_embeddings(tmp_path / "emb", 1_200)
+    write_embeddings(tmp_path / "emb", 1_200, shards=3, fmt="jsonl")
     invoke("index", "--embeddings", tmp_path / "emb")
     result = invoke("reindex", "--index-type", "hnsw", "--shards", "2", ok=False)
     assert result.exit_code == 2 and "index type hnsw has no setting shards" in result.output
@@ -283,7 +265,7 @@ def test_an_import_writes_chunk_by_chunk_instead_of_reading_every_row_first(invo
     import indexer.embeddings as embeddings
     from indexer.catalog import Catalog
 
-    write_embeddings(tmp_path / "emb", 1_000)
+    write_embeddings(tmp_path / "emb", 1_000, shards=3, fmt="jsonl")
     monkeypatch.setattr(embeddings, "WRITE_CHUNK", 100)
     read, at_writes = [0], []
     original_rows, original_write = embeddings.read_pairs, Catalog.write_images
@@ -305,7 +287,7 @@ def test_an_import_writes_chunk_by_chunk_instead_of_reading_every_row_first(invo
 
 
 def test_a_broken_later_shard_stops_the_import_before_anything_is_written(invoke, tmp_path):
-    write_embeddings(tmp_path / "emb", 900)
+    write_embeddings(tmp_path / "emb", 900, shards=3, fmt="jsonl")
     with open(tmp_path / "emb" / "metadata" / "metadata_2.jsonl", "a") as f:
         f.write("{not json\n")
     result = invoke("index", "--embeddings", tmp_path / "emb", ok=False)
