@@ -104,6 +104,7 @@ class ImageWrite:
     vector: np.ndarray | None = None
     error: str | None = None
     id: int | None = None
+    precision: str | None = None  # the vector's (indexer.encoder.PRECISIONS); None: not known
     skip_info: str | None = None  # JSON, with ``error``: what the skip depended on
     warnings: str | None = None
     meta: PhotoMeta | None = None  # the header's metadata (None: not read, e.g. a failed decode)
@@ -118,6 +119,7 @@ class TextWrite:
     line: int
     image_id: int | None
     vector: np.ndarray
+    precision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -320,7 +322,7 @@ class Catalog:
                     s.execute(delete(VectorRow).where(VectorRow.item_id.in_(chunk)))
             ids_of = dict(zip(map(id, new), new_ids))
             ids = [ids_of[id(w)] if w.id is None else w.id for w in writes]
-            self._insert_vectors(s, [(i, w.vector) for i, w in zip(ids, writes) if w.vector is not None])
+            self._insert_vectors(s, [(i, w) for i, w in zip(ids, writes) if w.vector is not None])
         return ids
 
     @staticmethod
@@ -338,9 +340,10 @@ class Catalog:
             return int(s.scalar(q) or 0)
 
     @staticmethod
-    def _insert_vectors(s: Session, pairs: list[tuple[int, np.ndarray]]) -> None:
+    def _insert_vectors(s: Session, pairs: list[tuple[int, ImageWrite | TextWrite]]) -> None:
         if pairs:
-            s.execute(insert(VectorRow), [{"item_id": int(i), "data": _blob(v)} for i, v in pairs])
+            s.execute(insert(VectorRow), [{"item_id": int(i), "data": _blob(w.vector), "precision": w.precision}
+                                          for i, w in pairs])
 
     def update_image_files(self, changes: Iterable[tuple[int, str, int, int]]) -> None:
         """Record a new path/size/mtime for images whose content is unchanged (touched or moved)."""
@@ -373,15 +376,16 @@ class Catalog:
                 deleted.extend(everything)
         return deleted
 
-    def vectors_for_hashes(self, modality: str, hashes: Iterable[str]) -> dict[str, np.ndarray]:
-        """A stored vector for each content hash that has one, in ``modality`` (for encode-once)."""
-        found: dict[str, np.ndarray] = {}
+    def vectors_for_hashes(self, modality: str, hashes: Iterable[str]) -> dict[str, tuple[np.ndarray, str | None]]:
+        """A stored vector and its precision for each content hash that has one, in ``modality`` (encode-once)."""
+        found: dict[str, tuple[np.ndarray, str | None]] = {}
         with Session(self.engine) as s:
             for chunk in _chunks(list(set(hashes))):
-                q = (select(ItemRow.sha256, VectorRow.data).join(ItemRow, ItemRow.id == VectorRow.item_id)
+                q = (select(ItemRow.sha256, VectorRow.data, VectorRow.precision)
+                     .join(ItemRow, ItemRow.id == VectorRow.item_id)
                      .where(ItemRow.kind.in_(MODALITY_KINDS[modality]), ItemRow.sha256.in_(chunk)))
-                for digest, data in s.execute(q):
-                    found.setdefault(digest, np.frombuffer(data, dtype=np.float32).copy())
+                for digest, data, precision in s.execute(q):
+                    found.setdefault(digest, (np.frombuffer(data, dtype=np.float32).copy(), precision))
         return found
 
     # -- texts --------------------------------------------------------------------------------
@@ -398,7 +402,7 @@ class Catalog:
                      image_id=w.image_id, updated_at=now) for w in writes]
         with Session(self.engine) as s, s.begin():
             ids = self._insert_items(s, rows)
-            self._insert_vectors(s, [(i, w.vector) for i, w in zip(ids, writes)])
+            self._insert_vectors(s, list(zip(ids, writes)))
         return ids
 
     # -- vectors ------------------------------------------------------------------------------
@@ -491,6 +495,12 @@ class Catalog:
             counts["skipped"] = s.scalar(select(func.count()).where(ItemRow.error.is_not(None))) or 0
             counts["vectors"] = s.scalar(select(func.count()).select_from(VectorRow)) or 0
         return counts
+
+    def precisions(self) -> dict[str, int]:
+        """How many vectors were made in each precision (``unrecorded``: before precisions were recorded)."""
+        q = select(VectorRow.precision, func.count()).group_by(VectorRow.precision)
+        with Session(self.engine) as s:
+            return {precision or "unrecorded": n for precision, n in s.execute(q).all()}
 
     # -- evaluation runs ------------------------------------------------------------------------
     def add_eval_run(self, model: str, index_spec: str, source: str, result: dict) -> int:

@@ -42,6 +42,7 @@ class EncodeSettings:
 
     identity: ModelIdentity
     device: str
+    precision: str  # the driver's, resolved: every vector of a run is made as the driver would make it
     draft_size: int | None
     max_megapixels: float | None
 
@@ -55,15 +56,15 @@ def encode_with_ray(run, root_id: int, jobs: list) -> None:
     keys = {(job.file.rel, job.file.size, job.file.mtime_ns): position for position, job in enumerate(jobs)}
     done = 0
     for number in shards.numbers():  # a killed run's shards: ingested, not encoded again
-        ok, vectors, failed = shards.read(number, keys)
+        ok, vectors, failed, precisions = shards.read(number, keys)
         if ok or failed:
-            write_batch(run, root_id, jobs, ok, vectors, failed)
+            write_batch(run, root_id, jobs, ok, vectors, failed, precisions)
             taken = {d.key for d in ok + failed}
             keys = {k: v for k, v in keys.items() if v not in taken}
             done += len(ok) + len(failed)
             run.summary.from_shards += len(ok) + len(failed)
     todo = sorted(keys.values())
-    settings = EncodeSettings(run.encoder.identity, run.encoder.device.type,
+    settings = EncodeSettings(run.encoder.identity, run.encoder.device.type, run.encoder.precision,
                               run.encoder.image_size * DRAFT_FACTOR if run.options.use_draft else None,
                               run.options.max_megapixels)
     tasks = [{"shard": shards.next_number() + n, "keys": todo[i:i + SHARD_IMAGES],
@@ -75,9 +76,9 @@ def encode_with_ray(run, root_id: int, jobs: list) -> None:
             result = next(results, None)
         if result is None:
             break
-        ok, vectors, failed = shards.write(result, jobs)
+        ok, vectors, failed = shards.write(result, jobs, settings.precision)
         run.summary.encoded_images += len(ok)
-        write_batch(run, root_id, jobs, ok, vectors, failed)  # timed as "write" inside
+        write_batch(run, root_id, jobs, ok, vectors, failed, [settings.precision] * len(ok))  # timed inside
         done += len(ok) + len(failed)
         run.report("indexing", done, len(jobs))
         run.check_stop()
@@ -173,7 +174,7 @@ class _ShardEncoder:
         from .encoder import load_encoder_for
 
         torch.set_num_threads(max(1, threads))
-        self.encoder = load_encoder_for(settings.identity, settings.device)
+        self.encoder = load_encoder_for(settings.identity, settings.device, precision=settings.precision)
 
     def __call__(self, shard: dict) -> dict:
         import torch
@@ -216,7 +217,7 @@ class ShardStore:
     def next_number(self) -> int:
         return max(self.numbers(), default=-1) + 1
 
-    def write(self, result: dict, jobs: list) -> tuple[list[Decoded], np.ndarray, list[Decoded]]:
+    def write(self, result: dict, jobs: list, precision: str) -> tuple[list[Decoded], np.ndarray, list[Decoded]]:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -229,7 +230,8 @@ class ShardStore:
         np.save(self.directory / "img_emb" / f"img_emb_{number}.npy", full)
         files = [jobs[d.key].file for d in decoded]
         table = {"image_path": [str(f.path) for f in files], "rel": [f.rel for f in files],
-                 "size": [f.size for f in files], "mtime_ns": [f.mtime_ns for f in files]}
+                 "size": [f.size for f in files], "mtime_ns": [f.mtime_ns for f in files],
+                 "precision": [precision] * len(files)}
         for column in _COLUMNS[3:]:
             values = [row[column] for row in rows]
             table[column] = [json.dumps(v) for v in values] if column in ("warnings", "meta") else values
@@ -238,8 +240,9 @@ class ShardStore:
         os.replace(final.with_suffix(".tmp"), final)  # last: the shard is complete
         return ok, vectors, failed
 
-    def read(self, number: int, keys: dict) -> tuple[list[Decoded], np.ndarray, list[Decoded]]:
-        """The rows of shard ``number`` that are still jobs of this run (``keys``: (rel, size, mtime) -> job)."""
+    def read(self, number: int, keys: dict) -> tuple[list[Decoded], np.ndarray, list[Decoded], list[str | None]]:
+        """The rows of shard ``number`` that are still jobs of this run (``keys``: (rel, size, mtime) -> job):
+        decoded, their vectors, failed, and the precision of each vector."""
         import pyarrow.parquet as pq
 
         try:
@@ -248,7 +251,7 @@ class ShardStore:
         except (OSError, ValueError) as exc:
             raise CrossmodalError(f"cannot read the embedding shard {number} in {self.directory}: {exc}; delete "
                                   "that folder and run again (its images are encoded again)") from None
-        ok, kept, failed = [], [], []
+        ok, kept, failed, precisions = [], [], [], []
         for row, vector in zip(rows, vectors):
             key = keys.get((row["rel"], row["size"], row["mtime_ns"]))
             if key is None:  # in the catalog already, or changed on disk since: encoded again
@@ -257,7 +260,8 @@ class ShardStore:
             (failed if item.error is not None else ok).append(item)
             if item.error is None:
                 kept.append(vector)
-        return ok, np.asarray(kept, np.float32).reshape(len(kept), vectors.shape[-1]), failed
+                precisions.append(row.get("precision"))  # shards written before it was recorded: None
+        return ok, np.asarray(kept, np.float32).reshape(len(kept), vectors.shape[-1]), failed, precisions
 
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

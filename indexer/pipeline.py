@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -99,6 +99,7 @@ class IndexSummary:
     encoded_images: int = 0
     from_shards: int = 0  # images taken from embedding shards an interrupted --engine ray run had written
     encoded_texts: int = 0
+    precision: str = ""  # what this run's encoder computed in (fp32, bf16): the catalog records it per vector
     metadata_filled: int = 0  # kept images whose photo metadata was read this run (indexed before it was recorded)
     seconds: float = 0.0
     images_per_second: float = 0.0
@@ -209,7 +210,8 @@ def update_index(root: Path, index_dir: Path, encoder: Encoder, options: IndexOp
         raise SourceError(f"folder not found: {root}")
     root = root.resolve()
     started = time.perf_counter()
-    summary = IndexSummary(index=str(Path(index_dir).resolve()), root=str(root))
+    summary = IndexSummary(index=str(Path(index_dir).resolve()), root=str(root),
+                           precision=encoder.precision)
     problems: list[Problem] = []
     # Read captions/texts files first: a broken file should stop the run before any encoding.
     extra_records: list[TextRecord] = []
@@ -330,17 +332,18 @@ def _encode_images(run: _Run, root_id: int, jobs: list[EncodeJob]) -> None:
         if batch is None:
             break
         with run.timer.stage("encode"):
-            vectors = _vectors_for_batch(run, batch)
-        write_batch(run, root_id, jobs, batch.ok, vectors, batch.failed)
+            vectors, precisions = _vectors_for_batch(run, batch)
+        write_batch(run, root_id, jobs, batch.ok, vectors, batch.failed, precisions)
         done += len(batch.ok) + len(batch.failed)
         run.report("indexing", done, len(jobs))
         run.check_stop()
 
 
 def write_batch(run: _Run, root_id: int, jobs: list[EncodeJob], ok: list[Decoded], vectors,
-                failed: list[Decoded]) -> None:
-    """The write stage, the same for every engine: a batch's decoded images (``ok``, with their vectors in
-    order) and failures (``failed``, recorded as skipped) into the catalog, then the in-memory vector files."""
+                failed: list[Decoded], precisions: Sequence[str | None]) -> None:
+    """The write stage, the same for every engine: a batch's decoded images (``ok``, with their vectors and
+    the precisions those were made in, in order) and failures (``failed``, recorded as skipped) into the
+    catalog, then the in-memory vector files."""
     summary, catalog = run.summary, run.store.catalog
     writes: list[ImageWrite] = []
     for item in failed:
@@ -353,11 +356,11 @@ def write_batch(run: _Run, root_id: int, jobs: list[EncodeJob], ok: list[Decoded
                                  skip_info=skip_info(item.cause, run.retry)))
         run.problems.append(Problem(str(job.file.path), item.error or "unreadable"))
     summary.skipped += len(writes)
-    for item, vector in zip(ok, vectors):
+    for item, vector, precision in zip(ok, vectors, precisions, strict=True):
         job = jobs[item.key]
         writes.append(ImageWrite(job.file.rel, job.file.size, job.file.mtime_ns, item.sha256,
                                  item.width, item.height, vector=vector, id=job.item_id,
-                                 warnings=_warnings(run, job, item), meta=item.meta))
+                                 warnings=_warnings(run, job, item), meta=item.meta, precision=precision))
         if job.item_id is None:
             summary.added += 1
         else:
@@ -400,9 +403,10 @@ def _warnings(run: _Run, job: EncodeJob, item: Decoded) -> str | None:
     return "\n".join(item.warnings)
 
 
-def _reuse_or_encode(run: _Run, modality: str, hashes: list[str],
-                     encode: Callable[[list[int]], np.ndarray]) -> list[np.ndarray]:
-    """Vectors for items given by content hash: stored ones are reused, each new hash is encoded once.
+def _reuse_or_encode(run: _Run, modality: str, hashes: list[str], encode: Callable[[list[int]], np.ndarray]
+                     ) -> tuple[list[np.ndarray], list[str | None]]:
+    """Vectors for items given by content hash, with the precision each was made in: stored ones are
+    reused, each new hash is encoded once.
 
     ``encode`` gets the positions (in ``hashes``) of the first item of every new hash.
     """
@@ -412,12 +416,13 @@ def _reuse_or_encode(run: _Run, modality: str, hashes: list[str],
         if digest not in found:
             first.setdefault(digest, position)
     if first:
-        found.update(zip(first, encode(list(first.values()))))
+        found.update((digest, (vector, run.encoder.precision))
+                     for digest, vector in zip(first, encode(list(first.values()))))
     run.summary.duplicates += len(hashes) - len(first)
-    return [found[digest] for digest in hashes]
+    return [found[digest][0] for digest in hashes], [found[digest][1] for digest in hashes]
 
 
-def _vectors_for_batch(run: _Run, batch: DecodedBatch) -> list[np.ndarray]:
+def _vectors_for_batch(run: _Run, batch: DecodedBatch) -> tuple[list[np.ndarray], list[str | None]]:
     """Encode the batch, except images whose content already has a vector (identical files)."""
 
     def encode(rows: list[int]) -> np.ndarray:
@@ -449,10 +454,10 @@ def _sync_texts(run: _Run, root_id: int, root: Path, records: list[TextRecord], 
     batch_size = 256
     for start in range(0, len(plan.add), batch_size):
         chunk = plan.add[start : start + batch_size]
-        vectors = _text_vectors(run, [record.text for record, _ in chunk])
+        vectors, precisions = _text_vectors(run, [record.text for record, _ in chunk])
         writes = [TextWrite(CAPTION if image_id is not None else TEXT, record.text, text_sha256(record.text),
-                            record.origin, record.line, image_id, vector)
-                  for (record, image_id), vector in zip(chunk, vectors)]
+                            record.origin, record.line, image_id, vector, precision)
+                  for (record, image_id), vector, precision in zip(chunk, vectors, precisions)]
         ids = catalog.write_texts(root_id, writes)
         run.put("text", ids, np.stack(vectors))
         summary.texts_added += len(ids)
@@ -460,7 +465,7 @@ def _sync_texts(run: _Run, root_id: int, root: Path, records: list[TextRecord], 
         run.flush()
 
 
-def _text_vectors(run: _Run, texts: list[str]) -> list[np.ndarray]:
+def _text_vectors(run: _Run, texts: list[str]) -> tuple[list[np.ndarray], list[str | None]]:
     def encode(positions: list[int]) -> np.ndarray:
         run.summary.encoded_texts += len(positions)
         return run.encoder.encode_texts([texts[p] for p in positions])

@@ -110,6 +110,7 @@ class VectorRow(Base):
     item_id: Mapped[int] = mapped_column(ID, ForeignKey("items.id", ondelete="CASCADE"), primary_key=True,
                                          autoincrement=False)
     data: Mapped[bytes]
+    precision: Mapped[str | None]  # fp32 or bf16, what the model ran in (indexer.encoder); NULL: not recorded
 
 
 class EvalRunRow(Base):
@@ -144,6 +145,7 @@ STEPS: tuple[Step, ...] = (
     Step("photo_meta", columns=tuple(f"items.{c}" for c in (
         "format", "taken_at", "camera_make", "camera_model", "orientation", "gps_lat", "gps_lon", "meta_version")),
          indexes=("ix_items_taken_at",)),  # photo metadata from each image's header, for filters
+    Step("vector_precision", columns=("vectors.precision",)),  # the precision each vector was made in
 )
 SCHEMA_VERSION = len(STEPS)
 

@@ -293,6 +293,7 @@ class IndexStore:
                       "embed_dim": meta.embed_dim, "open_clip_version": meta.open_clip_version},
             "index_spec": json.loads(meta.index_spec),
             "counts": self.catalog.counts(),
+            "precisions": self.catalog.precisions(),
             "vectors": {m: len(vectors) for m, (vectors, _) in loaded.items()},
             "notes": [report.problem for _, report in loaded.values() if report.problem],
             "roots": self.catalog.roots(),
@@ -303,7 +304,7 @@ class IndexStore:
 
 
 def encoder_for(identity: ModelIdentity | None, model: str | None = None, pretrained: str | None = None,
-                device: str = "auto") -> Encoder:
+                device: str = "auto", precision: str = "auto") -> Encoder:
     """The model to use with an index built by ``identity`` (None: a new index).
 
     Without ``model`` that is the index's own model; ``pretrained`` alone then points it at its
@@ -312,13 +313,13 @@ def encoder_for(identity: ModelIdentity | None, model: str | None = None, pretra
     from .encoder import DEFAULT_MODEL, default_pretrained, load_encoder, load_encoder_for
 
     if model is None and identity is not None:
-        return load_encoder_for(identity, device, pretrained)
+        return load_encoder_for(identity, device, pretrained, precision)
     name = model or DEFAULT_MODEL
-    return load_encoder(name, pretrained if pretrained is not None else default_pretrained(name), device)
+    return load_encoder(name, pretrained if pretrained is not None else default_pretrained(name), device, precision)
 
 
 def open_encoder(directory: Path, model: str | None = None, pretrained: str | None = None,
-                 device: str = "auto") -> Encoder:
+                 device: str = "auto", precision: str = "auto") -> Encoder:
     """:func:`encoder_for` the index at ``directory``, which need not exist yet."""
     identity = None
     location = catalog_location(Path(directory))
@@ -328,7 +329,7 @@ def open_encoder(directory: Path, model: str | None = None, pretrained: str | No
                 identity = store.identity
         except IndexNotFound:  # a catalog with no model recorded yet: a new index
             pass
-    return encoder_for(identity, model, pretrained, device)
+    return encoder_for(identity, model, pretrained, device, precision)
 
 
 def _require_same_kind(stored: IndexSpec, wanted: IndexSpec | None, directory: Path) -> None:

@@ -127,6 +127,9 @@ def export_weights(model, path: Path, fp16: bool = False) -> Path:
 def train(encoder: Encoder, train_pairs: list[PairedImage], val_pairs: list[PairedImage],
           options: TrainOptions, resume: bool = False) -> TrainSummary:
     """Train ``encoder.model`` in place on ``train_pairs``; checkpoints and weights go to ``options.out``."""
+    if encoder.precision != "fp32":  # bf16 weights round away the small updates training makes
+        raise CrossmodalError(f"training needs fp32 weights, not {encoder.precision}: load the model with "
+                              "precision='fp32'")
     if len(train_pairs) < options.batch_size:
         raise CrossmodalError(f"{len(train_pairs)} training images is fewer than one batch of {options.batch_size}")
     out = Path(options.out)

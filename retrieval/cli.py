@@ -84,7 +84,8 @@ def cli() -> None:
                                                     "about, with what they said.")
 @json_option
 @domain_errors
-def index_cmd(root, embeddings, images_root, index_dir, model, pretrained, device, captions, texts, include_hidden,
+def index_cmd(root, embeddings, images_root, index_dir, model, pretrained, device, precision, captions, texts,
+              include_hidden,
               exclude, batch_size, workers, spec, max_megapixels, decode_timeout, retry_skipped, allow_empty,
               flush_seconds, engine, ray_address, progress, verbose, as_json):
     """Index the images (and captions) under ROOT; re-run to update incrementally.
@@ -101,7 +102,7 @@ def index_cmd(root, embeddings, images_root, index_dir, model, pretrained, devic
     from indexer.pipeline import IndexOptions, update_index
     from indexer.store import open_encoder
 
-    encoder = open_encoder(index_dir, model, pretrained, device)
+    encoder = open_encoder(index_dir, model, pretrained, device, precision)
     if embeddings is not None:
         from indexer.embeddings import import_embeddings
 
@@ -199,7 +200,7 @@ def _echo_library_warnings(warned: dict[str, list[str]], verbose: bool) -> None:
 @json_option
 @domain_errors
 def search_cmd(query, images, texts, likes, nots, mode, hide_duplicates, target, k, nprobe, ef_search, rerank,
-               no_server, filters, index_dir, model, pretrained, device, as_json):
+               no_server, filters, index_dir, model, pretrained, device, precision, as_json):
     """Search the index by text (QUERY), by --image, or by several terms added up.
 
     \b
@@ -238,7 +239,7 @@ def search_cmd(query, images, texts, likes, nots, mode, hide_duplicates, target,
     if answer is None:
         from .searcher import Searcher
 
-        with Searcher.open(index_dir, model=model, pretrained=pretrained, device=device,
+        with Searcher.open(index_dir, model=model, pretrained=pretrained, device=device, precision=precision,
                            settings=settings) as opened:
             searcher = opened.filtered(filters)
 
@@ -328,7 +329,9 @@ def info_cmd(index_dir, skipped, warned, as_json):
     chosen = " (chosen by auto)" if "auto" in spec.params else ""
     click.echo(f"type:     {spec.describe()}{chosen}{recall}")
     click.echo(f"items:    {c['image']} images, {c['caption']} captions, {c['text']} texts, {c['skipped']} skipped")
-    click.echo(f"vectors:  {info['vectors']['image']} image, {info['vectors']['text']} text")
+    made_in = ", ".join(f"{n} {precision}" for precision, n in sorted(info["precisions"].items()))
+    click.echo(f"vectors:  {info['vectors']['image']} image, {info['vectors']['text']} text"
+               + (f" (made in {made_in})" if made_in else ""))
     click.echo(f"roots:    {printable(', '.join(info['roots'])) or '-'}")
     click.echo("disk:     " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in info["disk_bytes"].items()))
     for item in skipped_items or []:
@@ -358,7 +361,8 @@ def info_cmd(index_dir, skipped, warned, as_json):
                    "per image is its text, the others are the queries).")
 @json_option
 @domain_errors
-def eval_cmd(index_dir, karpathy_json, images_root, split, model, pretrained, device, ks, plot_path, save_run,
+def eval_cmd(index_dir, karpathy_json, images_root, split, model, pretrained, device, precision, ks, plot_path,
+             save_run,
              history, fusion, as_json):
     """Recall@k text->image and image->text, through the index and exact.
 
@@ -386,8 +390,8 @@ def eval_cmd(index_dir, karpathy_json, images_root, split, model, pretrained, de
         from .benchmark import evaluate_karpathy
 
         explicit = click.get_current_context().get_parameter_source("index_dir") != ParameterSource.DEFAULT
-        encoder = open_encoder(index_dir, model, pretrained, device) if explicit else \
-            encoder_for(None, model, pretrained, device)
+        encoder = open_encoder(index_dir, model, pretrained, device, precision) if explicit else \
+            encoder_for(None, model, pretrained, device, precision)
         run = evaluate_karpathy(karpathy_json, encoder, images_root=images_root, split=split,
                                 index_dir=index_dir if explicit else None, ks=k_values, curve_k=curve_k,
                                 progress=None if as_json else ProgressBars())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .options import domain_errors
+from .options import domain_errors, precision_option
 
 EXTRA_HINT = "pip install 'crossmodal-search[serve]'"
 
@@ -40,9 +40,10 @@ EXTRA_HINT = "pip install 'crossmodal-search[serve]'"
               help="Where the model's weights are, if they moved since indexing.")
 @click.option("--device", envvar="CROSSMODAL_DEVICE", default="auto", show_default=True,
               help="auto, cpu or cuda[:N].")
+@precision_option
 @domain_errors
 def serve_cmd(indexes, catalog_url, host, port, token, insecure_no_token, cors, cache_dir, workers, queue,
-              max_upload_mb, max_megapixels, model, pretrained, device):
+              max_upload_mb, max_megapixels, model, pretrained, device, precision):
     """Serve indexes over HTTP: a search page at / and a JSON API under /api (OpenAPI at /docs).
 
     \b
@@ -61,7 +62,7 @@ def serve_cmd(indexes, catalog_url, host, port, token, insecure_no_token, cors, 
             bind_catalog(folder, catalog_url)
     settings = ServeSettings(served, host=host, port=port, token=token or None,
                              insecure_no_token=insecure_no_token, cors=tuple(cors), cache_dir=cache_dir,
-                             device=device, workers=workers, queue=queue,
+                             device=device, precision=precision, workers=workers, queue=queue,
                              max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_megapixels=max_megapixels,
                              model=model, pretrained=pretrained)
     warning = check_exposure(settings)

@@ -99,7 +99,8 @@ def train_cmd(source, out, model, pretrained, device, split, val_source, val_spl
     if val_source is None and source.suffix.lower() == ".json":
         val_source = source
     val = read_pairs(val_source, split=val_split, images_root=images_root) if val_source else []
-    encoder = load_encoder(model, pretrained or default_pretrained(model), device)
+    # fp32 weights: bf16 ones would round away the small updates that training makes
+    encoder = load_encoder(model, pretrained or default_pretrained(model), device, precision="fp32")
     summary = train(encoder, pairs, val, TrainOptions(out=out, **settings), resume=resume)
     if as_json:
         click.echo(json.dumps(summary.__dict__))

@@ -69,7 +69,15 @@ def index_option(func):
                         help="Index directory.")(bound)
 
 
+def precision_option(func):
+    return click.option("--precision", type=click.Choice(("auto", "fp32", "bf16")), envvar="CROSSMODAL_PRECISION",
+                        default="auto", show_default=True, show_envvar=True,
+                        help="What the model computes in. auto: bf16 on a GPU, and on a CPU with bf16 matrix "
+                             "units (AMX, AVX-512 BF16); fp32 elsewhere.")(func)
+
+
 def model_options(func):
+    func = precision_option(func)
     func = click.option("--device", envvar="CROSSMODAL_DEVICE", default="auto", show_default=True,
                         show_envvar=True, help="auto, cpu or cuda[:N].")(func)
     func = click.option("--pretrained", envvar="CROSSMODAL_PRETRAINED", show_envvar=True,

@@ -46,10 +46,11 @@ class Searcher:
     """
 
     def __init__(self, store: IndexStore, *, model: str | None = None, pretrained: str | None = None,
-                 device: str = "auto", encoder: Encoder | None = None, settings: dict | None = None):
+                 device: str = "auto", precision: str = "auto", encoder: Encoder | None = None,
+                 settings: dict | None = None):
         self.store = store
         self.settings = _check_settings(store.spec, settings or {})  # search-time nprobe/ef_search/rerank
-        self._model, self._pretrained, self._device = model, pretrained, device
+        self._model, self._pretrained, self._device, self._precision = model, pretrained, device, precision
         self._encoder = encoder
         if encoder is not None:
             store.identity.require_same(encoder.identity, f"query the index at {store.directory}")
@@ -83,7 +84,8 @@ class Searcher:
     def encoder(self) -> Encoder:
         with self._loading:
             if self._encoder is None:
-                encoder = encoder_for(self.store.identity, self._model, self._pretrained, self._device)
+                encoder = encoder_for(self.store.identity, self._model, self._pretrained, self._device,
+                                      self._precision)
                 self.store.identity.require_same(encoder.identity, f"query the index at {self.store.directory}")
                 self._encoder = encoder
             return self._encoder

@@ -34,6 +34,7 @@ class FakeEncoder:
         self.identity = ModelIdentity(name=name, pretrained="none", embed_dim=dim)
         self.device = torch.device("cpu")
         self.image_size = 8
+        self.precision = "fp32"
         self.preprocess = FakePreprocess()
         self.projection = np.random.default_rng(0).standard_normal((3 * 8 * 8, dim)).astype(np.float32)
         self.images_encoded = 0

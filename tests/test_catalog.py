@@ -119,10 +119,11 @@ def test_images_vectors_and_cascading_delete(catalog):
     root = catalog.root_id("/photos")
     assert catalog.root_id("/photos") == root
     a, b = catalog.write_images(root, [
-        ImageWrite("a.jpg", 10, 1, "ha", 4, 3, vector=unit(1)),
+        ImageWrite("a.jpg", 10, 1, "ha", 4, 3, vector=unit(1), precision="bf16"),
         ImageWrite("b.jpg", 0, 1, None, error="cannot decode image"),
     ])
-    [cap] = catalog.write_texts(root, [TextWrite("caption", "an a", "t1", "sidecar:a.txt", 1, a, unit(2))])
+    [cap] = catalog.write_texts(root, [TextWrite("caption", "an a", "t1", "sidecar:a.txt", 1, a, unit(2), "fp32")])
+    assert catalog.precisions() == {"bf16": 1, "fp32": 1}
     states = catalog.image_states(root)
     assert states["a.jpg"].sha256 == "ha" and states["b.jpg"].error == "cannot decode image"
     assert catalog.vector_ids("image").tolist() == [a]
@@ -130,7 +131,8 @@ def test_images_vectors_and_cascading_delete(catalog):
     np.testing.assert_array_equal(catalog.vectors([a], 4)[0], unit(1))
     found = catalog.vectors_for_hashes("image", ["ha", "unknown"])
     assert list(found) == ["ha"]
-    np.testing.assert_array_equal(found["ha"], unit(1))
+    np.testing.assert_array_equal(found["ha"][0], unit(1))
+    assert found["ha"][1] == "bf16"  # a reused vector keeps the precision it was made in
     assert catalog.vectors_for_hashes("text", ["ha"]) == {}
     views = catalog.items([a, cap])
     assert views[a].path == "/photos/a.jpg" and views[cap].path == "/photos/a.jpg" and views[cap].text == "an a"

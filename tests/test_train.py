@@ -42,7 +42,7 @@ def options(tmp_path, **kw):
 
 def test_training_lowers_the_loss_and_checkpoints_load_back_exactly(tmp_path, corpus):
     pairs = read_pairs(corpus, split="train")
-    encoder = load_encoder("crossmodal-tiny", "none", "cpu")
+    encoder = load_encoder("crossmodal-tiny", "none", "cpu", "fp32")
     before = fixed_batch_loss(encoder, pairs[:16])
     summary = train(encoder, pairs, [], options(tmp_path, max_steps=12))
     encoder.model.eval()
@@ -55,16 +55,16 @@ def test_training_lowers_the_loss_and_checkpoints_load_back_exactly(tmp_path, co
     assert all(torch.equal(checkpoint["state_dict"][k], v) for k, v in trained.items())
     exported = load_file(tmp_path / "run" / "weights.safetensors")
     assert all(torch.equal(exported[k], v) for k, v in trained.items())
-    reloaded = load_encoder("crossmodal-tiny", str(tmp_path / "run" / "weights.safetensors"), "cpu")
+    reloaded = load_encoder("crossmodal-tiny", str(tmp_path / "run" / "weights.safetensors"), "cpu", "fp32")
     assert all(torch.equal(reloaded.model.state_dict()[k], v) for k, v in trained.items())
     assert reloaded.identity.checkpoint_sha256  # vectors of trained weights are told apart from random init
 
 
 def test_resume_continues_from_the_saved_step(tmp_path, corpus):
     pairs = read_pairs(corpus, split="train")
-    first = train(load_encoder("crossmodal-tiny", "none", "cpu"), pairs, [], options(tmp_path, max_steps=4))
+    first = train(load_encoder("crossmodal-tiny", "none", "cpu", "fp32"), pairs, [], options(tmp_path, max_steps=4))
     assert first.steps == 4
-    encoder = load_encoder("crossmodal-tiny", "none", "cpu")
+    encoder = load_encoder("crossmodal-tiny", "none", "cpu", "fp32")
     resumed = train(encoder, pairs, [], options(tmp_path, max_steps=6), resume=True)
     assert resumed.steps == 6
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 6

@@ -243,7 +243,8 @@ class Service:
         for name, directory in self.settings.indexes.items():
             started = time.perf_counter()
             searcher = Searcher.open(directory, read_only=True, model=self.settings.model,
-                                     pretrained=self.settings.pretrained, device=self.settings.device)
+                                     pretrained=self.settings.pretrained, device=self.settings.device,
+                                     precision=self.settings.precision)
             identity = searcher.store.identity
             key = (identity.name, identity.pretrained, identity.checkpoint_sha256)
             if key not in self._encoders:

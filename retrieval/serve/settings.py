@@ -27,6 +27,7 @@ class ServeSettings:
     cors: tuple[str, ...] = ()
     cache_dir: Path | None = None  # thumbnails; None: the user's cache folder
     device: str = "auto"
+    precision: str = "auto"
     workers: int = 2  # queries encoded at once
     queue: int = 32  # queries waiting for a worker before 503
     max_upload_bytes: int = 20 * 1024 * 1024
