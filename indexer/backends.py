@@ -24,6 +24,9 @@ OVERFETCH_SHARE = 0.2
 # Additions to an on-disk index held in memory past this size are merged into a new list file there and then.
 FOLD_BYTES = 512 * 2**20
 MAX_FILTERED_EF = 4096  # an HNSW beam wider than this costs more than the exact search it would replace
+# Below this many queries faiss's flat search scans with its own kernel, one thread per query (its
+# distance_compute_blas_threshold); a BLAS matrix product uses every core instead (Flat._few_queries).
+FEW_QUERIES = 20
 
 
 def as_floats(x) -> np.ndarray:
@@ -147,20 +150,59 @@ class Backend:
 class Flat(Backend):
     kind = "flat"
 
+    def __init__(self, spec: IndexSpec, dim: int, index):
+        super().__init__(spec, dim, index)
+        self._id_array: np.ndarray | None = None  # catalog id of each stored row, for _few_queries
+
     @classmethod
     def empty(cls, spec: IndexSpec, dim: int) -> Flat:
         return cls(spec, dim, faiss.IndexIDMap2(faiss.IndexFlatIP(dim)))
+
+    def add(self, ids, vectors):
+        self._id_array = None
+        super().add(ids, vectors)
+
+    def remove(self, ids):
+        self._id_array = None
+        return super().remove(ids)
 
     def search(self, queries, k, params, allowed=None, use_gpu=False):
         gpu = None if allowed is not None else self._on_gpu(use_gpu)  # selectors are a CPU feature
         if gpu is not None:
             return gpu.search(queries, k)
         if allowed is None:
-            return self.index.search(queries, k)
+            return self._few_queries(queries, k) if len(queries) < FEW_QUERIES else self.index.search(queries, k)
         share = len(allowed) / max(1, len(self))
         if share < OVERFETCH_SHARE:
             return self.index.search(queries, k, params=_params(allowed=allowed))
         return self._overfetched(queries, k, allowed, share)
+
+    def _few_queries(self, queries, k):
+        """faiss's exact answer for a handful of queries, scored by one BLAS product over the stored rows.
+
+        faiss scans these with one thread per query; the product runs on every core and reads the
+        vectors once at close to memory speed (bench/query_latency.py: 1M x 512 on 2 cores). Equal
+        scores rank by row, earlier first; padding is faiss's (-FLT_MAX, id -1).
+        """
+        n = len(self)
+        out_scores = np.full((len(queries), k), np.finfo(np.float32).min, dtype=np.float32)
+        out_ids = np.full((len(queries), k), -1, dtype=np.int64)
+        if n == 0 or k == 0:
+            return out_scores, out_ids
+        base = faiss.downcast_index(self.index.index)
+        rows = faiss.rev_swig_ptr(base.get_xb(), n * self.dim).reshape(n, self.dim)  # a view, no copy
+        if self._id_array is None:
+            self._id_array = self.ids()
+        scores = as_floats(queries) @ rows.T
+        depth = min(k, n)
+        for q, row in enumerate(scores):
+            kth = np.partition(row, n - depth)[n - depth]
+            above = np.flatnonzero(row > kth)
+            tied = np.flatnonzero(row == kth)[: depth - len(above)]
+            chosen = np.concatenate([above, tied])
+            chosen = chosen[np.lexsort((chosen, -row[chosen]))]
+            out_scores[q, :depth], out_ids[q, :depth] = row[chosen], self._id_array[chosen]
+        return out_scores, out_ids
 
     def _overfetched(self, queries, k, allowed, share):
         """A filter admitting much of the corpus: faiss's blocked matrix product over everything, deep

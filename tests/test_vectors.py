@@ -58,3 +58,33 @@ def test_search_on_fewer_vectors_than_k_pads_with_minus_one():
     store.add(np.array([1]), unit_rows(1, 4, 5))
     _, ids = store.search(unit_rows(1, 4, 6), 5)
     assert ids.tolist() == [[1]]
+
+
+@pytest.mark.parametrize("nq", [1, 3, 19, 20, 40])
+def test_flat_few_and_many_queries_agree_with_faiss_own_scan(nq):
+    """Under 20 queries a flat index scores by a BLAS product (Flat._few_queries), from 20 by faiss's
+    blocked search: both must give faiss's exact answer, ties (duplicated vectors) and k > n included."""
+    import faiss
+
+    base = unit_rows(300, 16, 7)
+    base[10:20] = base[0]  # ties: the same vector under eleven ids
+    ids = np.arange(5000, 5300, dtype=np.int64)[::-1].copy()  # ids not in row order
+    store = VectorStore.empty(IndexSpec(), 16)
+    store.add(ids, base)
+    store.remove(ids[[3, 250]])
+    keep = np.ones(300, bool)
+    keep[[3, 250]] = False
+    reference = faiss.IndexIDMap2(faiss.IndexFlatIP(16))
+    reference.add_with_ids(base[keep], ids[keep])
+    true_score = dict(zip(ids[keep].tolist(), base[keep]))
+    queries = np.concatenate([base[:1], unit_rows(nq - 1, 16, 8)])
+    for k in (1, 5, 12, 400):
+        scores, found = store.search(queries, k)
+        want_scores, want_ids = reference.search(queries, min(k, 298))
+        np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-6)
+        for q, (row_scores, row_ids) in enumerate(zip(scores, found)):
+            assert len(set(row_ids.tolist())) == len(row_ids)
+            np.testing.assert_allclose([true_score[i] @ queries[q] for i in row_ids], row_scores, atol=1e-5)
+            # Above the last score the items are determined; at it, ties may be cut differently.
+            last = row_scores[-1] + 1e-5
+            assert set(row_ids[row_scores > last]) == set(want_ids[q][want_scores[q] > last])
