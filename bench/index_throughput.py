@@ -8,7 +8,8 @@ alternating in each round:
   batch even where it is not picked, to show why;
 - decoding alone: the indexer's own decoder processes (read, hash, DCT-scaled decode, preprocess) on
   every core, feeding nothing;
-- `crossmodal index` in a subprocess with ``--precision auto``.
+- `crossmodal index` in a subprocess with ``--precision auto`` (and ``--decode``: JPEGs decoded in
+  batches on the model's device by default for a model on CUDA, by the decoder processes otherwise).
 
 Decoding and the model share the cores, so the best the pipeline can do is the combined bound
 1 / (1/decode + 1/model), with the fastest model path. End-to-end throughput is the number of images
@@ -40,8 +41,10 @@ sys.path.insert(0, str(ROOT))
 
 from indexer.decode import DecodeTask  # noqa: E402
 from indexer.decoders import iter_decoded  # noqa: E402
+from indexer.devicedecode import iter_decoded_on_device  # noqa: E402
 from indexer.encoder import load_encoder, resolve_device, resolve_precision  # noqa: E402
 from indexer.hardware import bf16_units, cpu_name  # noqa: E402
+from indexer.pipeline import decodes_on_device  # noqa: E402
 
 SIZES = [(4032, 3024), (1920, 1080), (1024, 768)]
 
@@ -55,21 +58,28 @@ def photo_like(width: int, height: int, rng: np.random.Generator) -> bytes:
     return buf.getvalue()
 
 
-def make_corpus(folder: Path, n: int, seed: int = 0) -> int:
+def make_corpus(folder: Path, n: int, seed: int = 0, distinct: int | None = None) -> int:
+    """``n`` photo-like JPEGs in ``folder`` (kept between runs). With ``distinct``, only that many are
+    generated and the rest are copies with bytes of their own after the image's end marker: other
+    files to the indexer (their hashes differ), the same pixels to every decoder, and quick to make."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     total = 0
     for i in range(n):
         path = folder / f"photo_{i:05d}.jpg"
         if not path.exists():
-            path.write_bytes(photo_like(*SIZES[i % len(SIZES)], rng))
+            if distinct is None or i < distinct:
+                path.write_bytes(photo_like(*SIZES[i % len(SIZES)], rng))
+            else:
+                path.write_bytes((folder / f"photo_{i % distinct:05d}.jpg").read_bytes() + f"copy {i}".encode())
         total += path.stat().st_size
     return total
 
 
 def model_only(model: str, pretrained: str, device: str, precision: str, batch_size: int, n: int) -> float:
     encoder = load_encoder(model, pretrained, device, precision)
-    pixels = torch.randn(batch_size, 3, encoder.image_size, encoder.image_size)
+    # On the device already, as batches decoded there are (indexer.devicedecode)
+    pixels = torch.randn(batch_size, 3, encoder.image_size, encoder.image_size).to(encoder.device)
     encoder.encode_images(pixels)  # warm-up: allocations, cuDNN/oneDNN kernel choice
     if encoder.device.type == "cuda":
         torch.cuda.synchronize()
@@ -80,25 +90,37 @@ def model_only(model: str, pretrained: str, device: str, precision: str, batch_s
     return batches * batch_size / (time.perf_counter() - start)
 
 
-def decode_only(folder: Path, model: str, pretrained: str, batch_size: int, workers: int) -> float:
-    """Images/s of the indexer's decoder processes alone, with the model's own preprocessing."""
-    encoder = load_encoder(model, pretrained, "cpu", "fp32")  # for its transform and input size only
+def decode_only(folder: Path, model: str, pretrained: str, device: str, decode: str, batch_size: int,
+                workers: int) -> float:
+    """Images/s of decoding alone, as `crossmodal index --decode DECODE` decodes: the indexer's decoder
+    processes with the model's own preprocessing, or batches on the model's device."""
+    encoder = load_encoder(model, pretrained, device, "fp32")  # for its transform, input size and device
     tasks = [DecodeTask(i, path) for i, path in enumerate(sorted(folder.glob("*.jpg")))]
+
+    def cpu_batches(tasks):
+        return iter_decoded(tasks, encoder.preprocess, encoder.image_size, batch_size=batch_size, workers=workers,
+                            idle_priority=False)
+
+    batches = cpu_batches(tasks)
+    if decodes_on_device(decode, encoder.device):
+        batches = iter_decoded_on_device(tasks, encoder.preprocess, encoder.device, cpu_batches,
+                                         batch_size=batch_size)
     start = time.perf_counter()
-    decoded = sum(len(batch.ok) for batch in iter_decoded(tasks, encoder.preprocess, encoder.image_size,
-                                                          batch_size=batch_size, workers=workers,
-                                                          idle_priority=False))
+    decoded = 0
+    for batch in batches:
+        decoded += len(batch.ok)
+        float(batch.pixels.sum())  # waits for the device, as the model would
     if decoded != len(tasks):
         sys.exit(f"decoded {decoded} of {len(tasks)} images")
     return decoded / (time.perf_counter() - start)
 
 
-def end_to_end(folder: Path, model: str, pretrained: str, device: str, precision: str, batch_size: int,
-               workers: int | None) -> dict:
+def end_to_end(folder: Path, model: str, pretrained: str, device: str, precision: str, decode: str,
+               batch_size: int, workers: int | None) -> dict:
     with tempfile.TemporaryDirectory() as index:
         cmd = [sys.executable, "-m", "retrieval", "index", str(folder), "--index", index, "--model", model,
                "--pretrained", pretrained, "--device", device, "--precision", precision,
-               "--batch-size", str(batch_size), "--no-progress", "--json"]
+               "--decode", decode, "--batch-size", str(batch_size), "--no-progress", "--json"]
         if workers is not None:
             cmd += ["--workers", str(workers)]
         start = time.perf_counter()
@@ -121,13 +143,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=None, help="decoder processes (default: the indexer's)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating measurement rounds (best of each)")
+    parser.add_argument("--decode", default="auto", choices=["auto", "cpu", "device"],
+                        help="where JPEGs are decoded, as crossmodal index --decode")
+    parser.add_argument("--distinct", type=int, default=None,
+                        help="generate only this many photos, the rest as copies that differ after the image data")
+    parser.add_argument("--json-out", type=Path, help="also write the JSON line to this file")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "crossmodal-bench-photos",
                         help="where the JPEGs are generated (kept and reused between runs)")
     args = parser.parse_args()
 
     folder = args.dir / f"n{args.n}"
     start = time.perf_counter()
-    corpus_bytes = make_corpus(folder, args.n)
+    corpus_bytes = make_corpus(folder, args.n, distinct=args.distinct)
     print(f"corpus: {args.n} JPEGs, {corpus_bytes / 1e6:.0f} MB in {folder} ({time.perf_counter() - start:.1f}s)")
     device = resolve_device(args.device)
     fast = resolve_precision("auto", device)
@@ -143,9 +170,10 @@ def main() -> None:
         for precision in dict.fromkeys(("fp32", fast)):
             rates[precision].append(model_only(args.model, args.pretrained, args.device, precision,
                                                args.batch_size, args.n))
-        rates["decode"].append(decode_only(folder, args.model, args.pretrained, args.batch_size, workers))
-        summary = end_to_end(folder, args.model, args.pretrained, args.device, "auto", args.batch_size,
-                             args.workers)
+        rates["decode"].append(decode_only(folder, args.model, args.pretrained, args.device, args.decode,
+                                           args.batch_size, workers))
+        summary = end_to_end(folder, args.model, args.pretrained, args.device, "auto", args.decode,
+                             args.batch_size, args.workers)
         summaries.append(summary)
         rates["end_to_end"].append(summary["encoded_images"] / summary["seconds"])
         print(f"round {round_}: " + ", ".join(f"{name} {r[-1]:.2f}" for name, r in rates.items())
@@ -156,8 +184,10 @@ def main() -> None:
     best = {name: max(r) for name, r in rates.items()}
     bound = 1 / (1 / best["decode"] + 1 / best[fast])
     summary = summaries[rates["end_to_end"].index(best["end_to_end"])]
-    print(json.dumps({
-        "model": args.model, "device": str(device), "cpu": cpu_name(), "bf16_units": bf16_units(),
+    result = json.dumps({
+        "model": args.model, "device": str(device),
+        "decode": "device" if decodes_on_device(args.decode, device) else "cpu", "cpu": cpu_name(),
+        "bf16_units": bf16_units(),
         "auto_precision": fast, "images": summary["encoded_images"], "batch_size": args.batch_size,
         "model_only_fp32_images_per_s": round(best["fp32"], 2), "model_only_bf16_images_per_s": round(best["bf16"], 2),
         "fast_path_speedup": round(best[fast] / best["fp32"], 3), "decode_only_images_per_s": round(best["decode"], 2),
@@ -167,7 +197,10 @@ def main() -> None:
         "round_ratios_to_bound": sorted(round(e / (1 / (1 / d + 1 / m)), 3) for e, d, m in
                                         zip(rates["end_to_end"], rates["decode"], rates[fast])),
         "stages": summary["stages"],
-    }))
+    })
+    print(result)
+    if args.json_out:
+        args.json_out.write_text(result + "\n")
 
 
 if __name__ == "__main__":

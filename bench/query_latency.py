@@ -142,8 +142,9 @@ def main() -> None:
     parser.add_argument("--flat-n", type=int, default=1_000_000, help="0 skips the flat search part")
     parser.add_argument("--flat-dim", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json-out", type=Path, help="also write the JSON line to this file")
     args = parser.parse_args()
-    pretrained = args.pretrained or (None if args.model.startswith("crossmodal-") else "none")
+    pretrained = args.pretrained or (None if args.model == "crossmodal-demo" else "none")
     auto = resolve_precision("auto", resolve_device("auto"))
     print(f"cpu: {cpu_name()}, {os.cpu_count()} cores, bf16 units: {', '.join(bf16_units()) or 'none'}; "
           f"auto precision: {auto}")
@@ -168,6 +169,8 @@ def main() -> None:
               f"({flat['ratio_to_floor']['faiss_flat_scan']}x); crossmodal {flat['ms']['crossmodal_flat']} ms "
               f"({flat['ratio_to_floor']['crossmodal_flat']}x)")
     print(json.dumps(result))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":

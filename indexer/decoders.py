@@ -59,7 +59,7 @@ class FileDecoder:
         return decode.decode_file(task, self.preprocess, self.draft_size, self.max_megapixels)
 
 
-def _collate(items: list[Decoded]) -> DecodedBatch:
+def collate(items: list[Decoded]) -> DecodedBatch:
     batch = DecodedBatch()
     for item in items:
         (batch.ok if item.pixels is not None else batch.failed).append(item)
@@ -109,11 +109,11 @@ def iter_decoded(
                 starved.value = 1
             pending.append(item)
             if len(pending) == wanted:
-                yield _collate(pending)
+                yield collate(pending)
                 pending, wanted = [], batch_size
             waited_since = time.monotonic()
         if pending:
-            yield _collate(pending)
+            yield collate(pending)
     finally:
         close = getattr(items, "close", None)
         if close is not None:

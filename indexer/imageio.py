@@ -20,13 +20,14 @@ import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .photometa import meta_after_decode, photo_meta
+from .photometa import PhotoMeta, meta_after_decode, photo_meta
 
 DEFAULT_MAX_MEGAPIXELS = 100.0  # 300 MB as RGB: a few decoders at once stay far from exhausting memory
 MAX_WARNINGS = 20  # lines kept per file; a broken file can make a library repeat itself thousands of times
@@ -165,6 +166,31 @@ def open_image(source: str | os.PathLike | io.BytesIO, draft_size: int | None = 
     image.info["source_size"] = _as_shown((width, height), image.size)
     image.info["photo_meta"] = meta
     return image
+
+
+@dataclass(frozen=True)
+class JpegHeader:
+    """What a JPEG's header says, for decoders that turn its bytes into pixels themselves (nvJPEG)."""
+
+    width: int  # as stored, before the orientation is applied
+    height: int
+    orientation: int  # EXIF orientation, 1 (upright) to 8
+    meta: PhotoMeta
+
+
+def jpeg_header(data: bytes, name: str) -> JpegHeader | None:
+    """The header of ``data`` when it is a baseline or progressive JPEG of RGB or grey pixels; None for
+    anything else (other formats, CMYK, unreadable): :func:`open_image` is the way for those."""
+    try:
+        with _STATE:
+            image = _identify(io.BytesIO(data), name, None)
+        with image:
+            if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+                return None
+            orientation = image.getexif().get(0x0112, 1)
+            return JpegHeader(*image.size, orientation if orientation in range(1, 9) else 1, photo_meta(image))
+    except Exception:  # PIL raises many types on a broken header; the full decoder will say what is wrong
+        return None
 
 
 @contextmanager

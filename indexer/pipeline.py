@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +28,7 @@ from .catalog import CAPTION, TEXT, ImageState, ImageWrite, TextWrite
 from .decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_MEGAPIXELS, Decoded, DecodedBatch, DecodeTask
 from .decoders import iter_decoded
 from .encoder import Encoder, sha256_file
-from .errors import Interrupted, SourceError
+from .errors import CrossmodalError, Interrupted, SourceError
 from .photometa import META_VERSION, read_photo_meta
 from .plan import EncodeJob, ImagePlan, plan_images, plan_texts
 from .skips import NOT_REGULAR, VANISHED, RetrySettings, skip_info
@@ -73,6 +73,9 @@ class IndexOptions:
     engine: str = "local"  # "ray": decode and encode on a Ray cluster (indexer.distributed)
     ray_address: str | None = None  # with engine "ray": the cluster's address (None: a local Ray)
     use_draft: bool = True
+    # where JPEGs are decoded: "cpu" (decoder processes), "device" (in batches on the model's device:
+    # nvJPEG on a GPU; indexer.devicedecode), "auto" (device for a model on CUDA, cpu otherwise)
+    decode: str = "auto"
     max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS  # larger images are skipped, not decoded
     decode_timeout: float = DEFAULT_DECODE_TIMEOUT  # seconds a decoder process may spend on one file
     sidecars: bool = True  # read NAME.txt captions beside images
@@ -322,9 +325,19 @@ def _encode_images(run: _Run, root_id: int, jobs: list[EncodeJob]) -> None:
     encoder, options = run.encoder, run.options
     workers = options.workers if options.workers is not None else default_workers()
     tasks = [DecodeTask(i, job.file.path) for i, job in enumerate(jobs)]
-    batches = iter_decoded(tasks, encoder.preprocess, encoder.image_size, batch_size=options.batch_size,
-                           workers=workers, use_draft=options.use_draft, max_megapixels=options.max_megapixels,
-                           timeout=options.decode_timeout)
+
+    def cpu_batches(tasks: Sequence[DecodeTask]) -> Iterator[DecodedBatch]:
+        return iter_decoded(tasks, encoder.preprocess, encoder.image_size, batch_size=options.batch_size,
+                            workers=workers, use_draft=options.use_draft, max_megapixels=options.max_megapixels,
+                            timeout=options.decode_timeout)
+
+    if decodes_on_device(options.decode, encoder.device):
+        from .devicedecode import iter_decoded_on_device  # imports torchvision
+
+        batches = iter_decoded_on_device(tasks, encoder.preprocess, encoder.device, cpu_batches,
+                                         batch_size=options.batch_size, max_megapixels=options.max_megapixels)
+    else:
+        batches = cpu_batches(tasks)
     done = 0
     while True:
         with run.timer.stage("decode"):  # time the encoder spends waiting for decoded images
@@ -337,6 +350,16 @@ def _encode_images(run: _Run, root_id: int, jobs: list[EncodeJob]) -> None:
         done += len(batch.ok) + len(batch.failed)
         run.report("indexing", done, len(jobs))
         run.check_stop()
+
+
+DECODE_PLACES = ("auto", "cpu", "device")
+
+
+def decodes_on_device(decode: str, device) -> bool:
+    """Whether ``--decode`` puts JPEG decoding on the model's ``device`` (see IndexOptions.decode)."""
+    if decode not in DECODE_PLACES:
+        raise CrossmodalError(f"unknown --decode '{decode}': use {', '.join(DECODE_PLACES)}")
+    return decode == "device" or (decode == "auto" and device.type == "cuda")
 
 
 def write_batch(run: _Run, root_id: int, jobs: list[EncodeJob], ok: list[Decoded], vectors,

@@ -67,6 +67,9 @@ def cli() -> None:
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)
 @click.option("--workers", type=click.IntRange(0, 64), default=None,
               help="Decoder processes (0 = decode in the main process) [default: one per core, max 16].")
+@click.option("--decode", type=click.Choice(["auto", "cpu", "device"]), default="auto", show_default=True,
+              help="Where JPEGs are decoded: CPU decoder processes, or in batches on the model's device "
+                   "(nvJPEG on a GPU); auto: the device when the model runs on CUDA.")
 @index_type_options()
 @click.option("--max-megapixels", type=click.FloatRange(0, min_open=True), default=100.0, show_default=True,
               help="Skip images with more pixels than this (decompression bombs, huge scans), read from the header.")
@@ -85,9 +88,8 @@ def cli() -> None:
 @json_option
 @domain_errors
 def index_cmd(root, embeddings, images_root, index_dir, model, pretrained, device, precision, captions, texts,
-              include_hidden,
-              exclude, batch_size, workers, spec, max_megapixels, decode_timeout, retry_skipped, allow_empty,
-              flush_seconds, engine, ray_address, progress, verbose, as_json):
+              include_hidden, exclude, batch_size, workers, decode, spec, max_megapixels, decode_timeout,
+              retry_skipped, allow_empty, flush_seconds, engine, ray_address, progress, verbose, as_json):
     """Index the images (and captions) under ROOT; re-run to update incrementally.
 
     \b
@@ -109,7 +111,7 @@ def index_cmd(root, embeddings, images_root, index_dir, model, pretrained, devic
         summary = import_embeddings(embeddings, index_dir, encoder.identity, spec, images_root, engine, ray_address)
     else:
         options = IndexOptions(captions=tuple(captions), texts=tuple(texts), include_hidden=include_hidden,
-                               exclude=tuple(exclude), batch_size=batch_size, workers=workers,
+                               exclude=tuple(exclude), batch_size=batch_size, workers=workers, decode=decode,
                                spec=spec, max_megapixels=max_megapixels, decode_timeout=decode_timeout,
                                retry_skipped=retry_skipped, allow_empty=allow_empty, flush_seconds=flush_seconds,
                                progress=ProgressBars(bars=progress and not as_json), engine=engine,

@@ -1,4 +1,5 @@
-"""GPU paths: bf16 encoding on CUDA agrees with fp32 on the CPU. Skipped without CUDA."""
+"""GPU paths: bf16 encoding and nvJPEG decoding on CUDA agree with fp32 and the decoders on the CPU.
+Skipped without CUDA."""
 
 import numpy as np
 import pytest
@@ -31,6 +32,28 @@ def test_index_and_search_on_cuda(tmp_path):
     with Searcher.open(tmp_path / "idx", encoder=encoder) as searcher:
         hit = searcher.search_image(tmp_path / "photos" / "3.png", to="image", k=1)[0]
     assert hit.path.endswith("3.png") and hit.score > 0.99
+
+
+def test_jpegs_decoded_on_the_gpu_match_the_cpu_decoders(tmp_path):
+    """nvJPEG in batches (indexer.devicedecode), the default for a model on CUDA, against the CPU path."""
+    from test_devicedecode import PIXEL_TOLERANCE, cpu_path, decoded, jpeg
+
+    from indexer.decode import DecodeTask
+    from indexer.devicedecode import iter_decoded_on_device
+
+    encoder = load_encoder("crossmodal-tiny", "none", "cuda")
+    tasks = [DecodeTask(i, jpeg(tmp_path / "p" / f"{i}.jpg", (400 + 64 * i, 300), i, orientation=1 + i % 8))
+             for i in range(10)]
+    tasks.append(DecodeTask(10, make_image(tmp_path / "p" / "x.png", 99)))
+    gpu = decoded(iter_decoded_on_device(tasks, encoder.preprocess, encoder.device, cpu_path(encoder), batch_size=4))
+    cpu = decoded(cpu_path(encoder)(tasks))
+    assert sorted(gpu) == sorted(cpu) == list(range(11))
+    for key, item in gpu.items():
+        assert (item.width, item.height, item.sha256) == (cpu[key].width, cpu[key].height, cpu[key].sha256)
+        assert (item.pixels.cpu() - cpu[key].pixels).abs().max() < PIXEL_TOLERANCE
+    assert all(gpu[k].pixels.device.type == "cuda" for k in range(10))
+    summary = update_index(tmp_path / "p", tmp_path / "idx", encoder, IndexOptions(progress=False, batch_size=4))
+    assert (summary.added, summary.skipped) == (11, 0)
 
 
 def test_training_with_amp_on_cuda(tmp_path):
