@@ -33,6 +33,7 @@ while [ $# -gt 0 ]; do
     shift
 done
 mkdir -p "$out"
+rm -f "$out"/{gpu,index,query}.json "$out"/*.log "$out/gpu.txt"  # a reused folder must not report an old run
 py=${PYTHON:-python3}
 if [ "$dry" = 1 ] && [ -x .venv/bin/python ]; then py=.venv/bin/python; fi
 if [ "$dry" = 0 ] && compgen -G "$wheels/*.whl" >/dev/null; then

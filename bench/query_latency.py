@@ -138,7 +138,6 @@ def main() -> None:
                                                            "weights for crossmodal-demo")
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--queries", type=int, default=30)
-    parser.add_argument("--index", type=Path, help="an existing index instead of building one")
     parser.add_argument("--flat-n", type=int, default=1_000_000, help="0 skips the flat search part")
     parser.add_argument("--flat-dim", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
@@ -150,10 +149,8 @@ def main() -> None:
           f"auto precision: {auto}")
     result: dict = {"model": args.model, "cpu": cpu_name(), "auto_precision": auto}
     with tempfile.TemporaryDirectory() as tmp:
-        index = args.index or build_index(Path(tmp), args.images, 5, run_cli, args.model, pretrained)
-        images = sorted((Path(tmp) / "corpus" / "test").glob("*.jpg"))[:10] if not args.index else []
-        if not images:
-            sys.exit("--index needs the corpus's images for image queries: build one here instead")
+        index = build_index(Path(tmp), args.images, 5, run_cli, args.model, pretrained)
+        images = sorted((Path(tmp) / "corpus" / "test").glob("*.jpg"))[:10]
         for precision in dict.fromkeys(("fp32", auto)):
             parts = query_parts(index, images, precision, args.queries)
             result[f"queries_{precision}"] = parts

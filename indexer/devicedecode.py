@@ -34,6 +34,12 @@ from .imageio import JpegHeader, jpeg_header, read_regular_file
 
 JPEG_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif"})
 READERS = 8  # threads reading and hashing: file reads and sha256 release the GIL
+# A device batch holds its decoded images at once (3 bytes a pixel): 256 phone photos would take 9 GB,
+# so a batch also ends at this many pixels.
+MAX_BATCH_PIXELS = 10**9
+# The antialiased bicubic resize on CUDA needs shared memory growing with the scale, and fails past ~47x
+# (pytorch#103589): larger reductions start with an area average down to this many times the size.
+MAX_RESIZE_SCALE = 16
 
 
 @dataclass(frozen=True)
@@ -70,8 +76,11 @@ class DeviceTransform:
             shape = (self.size, int(self.size * width / height))
         else:
             shape = (int(self.size * height / width), self.size)
-        x = torch.nn.functional.interpolate(image[None].float(), size=shape, mode="bicubic", antialias=True,
-                                            align_corners=False)[0]
+        x = image[None].float()
+        if min(height, width) > self.size * MAX_RESIZE_SCALE:
+            # Most of the reduction by area averaging, as a JPEG draft does on the CPU path
+            x = torch.nn.functional.interpolate(x, size=tuple(side * MAX_RESIZE_SCALE for side in shape), mode="area")
+        x = torch.nn.functional.interpolate(x, size=shape, mode="bicubic", antialias=True, align_corners=False)[0]
         x = x.clamp_(0, 255).round_()  # PIL's resize gives 8-bit pixels: the same rounding
         top, left = (int(round((side - self.size) / 2.0)) for side in shape)
         x = x[:, top:top + self.size, left:left + self.size] / 255.0
@@ -106,7 +115,7 @@ def _read(task: DecodeTask, max_megapixels: float | None) -> _Read:
     """Bytes, hash and header of a file this path can decode; just the task (for the CPU path) otherwise."""
     try:
         data = read_regular_file(task.path)
-    except OSError:  # the CPU path reads it again and says what is wrong
+    except Exception:  # gone, unreadable, no longer a regular file: the CPU path reads it again and says so
         return _Read(task)
     header = jpeg_header(data, task.path.name)
     if header is None or (max_megapixels is not None and header.width * header.height > max_megapixels * 1e6):
@@ -128,6 +137,9 @@ def _read_ahead(tasks: Sequence[DecodeTask], pool: ThreadPoolExecutor, ahead: in
 
 def _decode_on(device: torch.device, reads: list[_Read]) -> list[torch.Tensor | None]:
     """uint8 (3, H, W) images on ``device``, None where the device could not decode one."""
+    if device.type == "cuda":
+        # torchvision's nvJPEG decoder runs on a stream of its own, which does not wait for ours
+        torch.cuda.current_stream(device).synchronize()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.frombuffer on read-only bytes (never written to), and
         # torchvision's notice that its decoders move to TorchCodec
@@ -158,14 +170,16 @@ def iter_decoded_on_device(tasks: Sequence[DecodeTask], preprocess: Callable, de
     left = [t for t in tasks if t.path.suffix.lower() not in JPEG_SUFFIXES]
     with ThreadPoolExecutor(readers, thread_name_prefix="cm-read") as pool:
         batch: list[_Read] = []
+        pixels = 0
         for read in _read_ahead(mine, pool, 3 * batch_size, max_megapixels):
             if read.header is None:
                 left.append(read.task)
                 continue
             batch.append(read)
-            if len(batch) == batch_size:
+            pixels += read.header.width * read.header.height
+            if len(batch) == batch_size or pixels >= MAX_BATCH_PIXELS:
                 yield from _batch_on(device, transform, batch, left)
-                batch = []
+                batch, pixels = [], 0
         if batch:
             yield from _batch_on(device, transform, batch, left)
     if left:
@@ -175,13 +189,19 @@ def iter_decoded_on_device(tasks: Sequence[DecodeTask], preprocess: Callable, de
 def _batch_on(device: torch.device, transform: DeviceTransform, reads: list[_Read],
               left: list[DecodeTask]) -> Iterator[DecodedBatch]:
     items = []
-    for read, image in zip(reads, _decode_on(device, reads)):
-        if image is None:
+    images = _decode_on(device, reads)
+    for n, read in enumerate(reads):
+        image, images[n] = images[n], None  # each decoded image freed once transformed
+        try:
+            pixels = None if image is None else transform(upright(image, read.header.orientation))
+        except RuntimeError:  # out of device memory, a kernel's limit: this file goes to the CPU path
+            pixels = None
+        if pixels is None:
             left.append(read.task)
             continue
         header = read.header
         size = (header.height, header.width) if header.orientation >= 5 else (header.width, header.height)
-        items.append(Decoded(read.task.key, sha256=read.sha256, width=size[0], height=size[1],
-                             pixels=transform(upright(image, header.orientation)), meta=header.meta))
+        items.append(Decoded(read.task.key, sha256=read.sha256, width=size[0], height=size[1], pixels=pixels,
+                             meta=header.meta))
     if items:
         yield collate(items)

@@ -65,7 +65,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise CrossmodalError(f"unknown precision '{precision}': use {', '.join(PRECISIONS)}")
     if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
+        # Ampere and later compute bf16; torch.cuda.is_bf16_supported() also says yes to emulating it (slow)
+        supported = torch.cuda.get_device_capability(device)[0] >= 8
         if precision == "bf16" and not supported:
             raise CrossmodalError(f"{torch.cuda.get_device_name(device)} has no bf16; use --precision fp32")
         return "bf16" if precision == "bf16" or (precision == "auto" and supported) else "fp32"

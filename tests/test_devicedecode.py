@@ -157,3 +157,43 @@ def test_unknown_decode_place_is_one_clear_error(tmp_path, encoder) -> None:
     make_image(tmp_path / "r" / "a.png", 1)
     with pytest.raises(CrossmodalError, match="unknown --decode 'gpu': use auto, cpu, device"):
         update_index(tmp_path / "r", tmp_path / "i", encoder, IndexOptions(workers=0, progress=False, decode="gpu"))
+
+
+def test_a_phone_photo_reduced_fifty_times_matches_the_cpu_path(tmp_path, encoder) -> None:
+    """4032x3024 to the tiny model's 64 px: past the scale CUDA's antialiased resize can do in one step,
+    so most of it is a box average first; still the CPU path's pixels."""
+    tasks = [DecodeTask(0, jpeg(tmp_path / "phone.jpg", (4032, 3024), 11, orientation=6))]
+    device = decoded(iter_decoded_on_device(tasks, encoder.preprocess, CPU, cpu_path(encoder)))
+    cpu = decoded(cpu_path(encoder)(tasks))
+    assert (device[0].width, device[0].height) == (3024, 4032)
+    assert (device[0].pixels - cpu[0].pixels).abs().max() < PIXEL_TOLERANCE
+
+
+def test_failures_inside_the_device_path_fall_back_to_the_cpu(tmp_path, encoder, monkeypatch) -> None:
+    """A transform the device cannot run (out of memory, a kernel's limit), and a file that turned into
+    a FIFO after the walk: each gets the CPU path's outcome, and the other files still decode."""
+    import os
+
+    from indexer import devicedecode
+
+    tasks = [DecodeTask(i, jpeg(tmp_path / f"{i}.jpg", (200 + 40 * i, 150), i)) for i in range(4)]
+    fifo = tmp_path / "fifo.jpg"
+    os.mkfifo(fifo)
+    tasks.append(DecodeTask(4, fifo))
+    real = devicedecode.DeviceTransform.__call__
+
+    def failing(self, image):
+        if image.shape[-1] == 280:  # the third file
+            raise RuntimeError("CUDA out of memory")
+        return real(self, image)
+
+    monkeypatch.setattr(devicedecode.DeviceTransform, "__call__", failing)
+    monkeypatch.setattr(devicedecode, "MAX_BATCH_PIXELS", 1)  # a batch per image: the pixel cap holds
+    batches = list(iter_decoded_on_device(tasks, encoder.preprocess, CPU, cpu_path(encoder), batch_size=8))
+    assert [len(b.ok) for b in batches[:3]] == [1, 1, 1]
+    device = decoded(batches)
+    cpu = decoded(cpu_path(encoder)(tasks))
+    assert sorted(device) == list(range(5))
+    assert device[4].error == cpu[4].error and "FIFO" in device[4].error
+    for key in range(4):
+        assert (device[key].pixels - cpu[key].pixels).abs().max() < PIXEL_TOLERANCE
