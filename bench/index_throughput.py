@@ -115,14 +115,12 @@ def decode_only(folder: Path, model: str, pretrained: str, device: str, decode: 
     return decoded / (time.perf_counter() - start)
 
 
-def end_to_end(folder: Path, model: str, pretrained: str, device: str, precision: str, decode: str,
-               batch_size: int, workers: int | None) -> dict:
-    with tempfile.TemporaryDirectory() as index:
-        cmd = [sys.executable, "-m", "retrieval", "index", str(folder), "--index", index, "--model", model,
-               "--pretrained", pretrained, "--device", device, "--precision", precision,
-               "--decode", decode, "--batch-size", str(batch_size), "--no-progress", "--json"]
-        if workers is not None:
-            cmd += ["--workers", str(workers)]
+def timed_index(folder: Path, flags: list[str]) -> dict:
+    """`crossmodal index FOLDER` into a new index with ``flags``, in a subprocess: its JSON summary, plus
+    ``wall_seconds`` from process start to exit."""
+    with tempfile.TemporaryDirectory(prefix="crossmodal-index-") as index:
+        cmd = [sys.executable, "-m", "retrieval", "index", str(folder), "--index", index, "--no-progress", "--json",
+               *flags]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         wall = time.perf_counter() - start
@@ -131,6 +129,13 @@ def end_to_end(folder: Path, model: str, pretrained: str, device: str, precision
     summary = json.loads(proc.stdout)
     summary["wall_seconds"] = round(wall, 2)
     return summary
+
+
+def end_to_end(folder: Path, model: str, pretrained: str, device: str, precision: str, decode: str,
+               batch_size: int, workers: int | None) -> dict:
+    flags = ["--model", model, "--pretrained", pretrained, "--device", device, "--precision", precision,
+             "--decode", decode, "--batch-size", str(batch_size)]
+    return timed_index(folder, flags + (["--workers", str(workers)] if workers is not None else []))
 
 
 def main() -> None:

@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.index_throughput import make_corpus  # noqa: E402
+from bench.index_throughput import make_corpus, timed_index  # noqa: E402
 
 RCLIP_VERSION = "3.3.0"
 # Both as in rclip/model_download.py: rclip looks for RCLIP_DATADIR/MODEL_SUBDIR/{visual,textual}.onnx
@@ -173,16 +173,8 @@ def run_rclip(venv: Path, folder: Path, extra: list[str]) -> dict:
 
 
 def run_crossmodal(folder: Path, model: str, pretrained: str, extra: list[str]) -> dict:
-    with tempfile.TemporaryDirectory(prefix="crossmodal-index-") as index:
-        cmd = [sys.executable, "-m", "retrieval", "index", str(folder), "--index", index, "--model", model,
-               "--pretrained", pretrained, "--no-progress", "--json", *extra]
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"crossmodal index failed:\n{proc.stderr}")
-    summary = json.loads(proc.stdout)
-    return {"images": summary["encoded_images"], "wall": wall, "seconds": summary["seconds"]}
+    summary = timed_index(folder, ["--model", model, "--pretrained", pretrained, *extra])
+    return {"images": summary["encoded_images"], "wall": summary["wall_seconds"], "seconds": summary["seconds"]}
 
 
 def rate(run: dict, key: str) -> float:
