@@ -9,7 +9,7 @@
 #                              (tests/test_gpu_script.py runs it), so the script is known to work before a
 #                              GPU machine is at hand
 #
-# faiss on the GPU (the [gpu] extra, faiss-gpu-cu12) needs CUDA 12's cuBLAS, hundreds of MB: too big to
+# faiss on the GPU (the [gpu] extra, faiss-gpu: 135 MB) needs CUDA 12's cuBLAS, hundreds of MB more: too big to
 # carry, so without it here the faiss GPU tests skip and search runs on the CPU build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
