@@ -11,6 +11,7 @@ import hashlib
 import re
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -41,6 +42,24 @@ def is_damage(exc: BaseException) -> bool:
 def postgres_url(url: str) -> str:
     """``url`` with psycopg 3 as its driver; refuses anything but a PostgreSQL URL."""
     return "postgresql+psycopg://" + require_postgres_url(url).split("://", 1)[1]
+
+
+BUSY_TIMEOUT_S = 30  # how long a statement waits for another connection's lock before it fails
+
+
+def _set_wal(cursor) -> None:
+    """``PRAGMA journal_mode=WAL``, waiting as a busy timeout would: while other connections open the same
+    new file SQLite can refuse the switch with "database is locked" at once, its busy handler not asked
+    (four threads opening one new catalog did, about one run in a hundred)."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 class SQLite:
@@ -87,12 +106,12 @@ class SQLite:
 
     def _configure(self, dbapi_connection, _record) -> None:
         cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
         if not self.read_only:  # setting the journal mode is a write
             # WAL lets searches read the last committed state while an indexer writes.
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _set_wal(cursor)
             cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
 
     def begin_migration(self, conn: Connection) -> None:
