@@ -171,3 +171,25 @@ def test_database_trouble_is_one_clear_line(postgres_catalog):
             server.root_id("/r")
     finally:
         server.close()
+
+
+def test_a_model_recorded_between_two_reads_is_no_damage(tmp_path, monkeypatch, photo_dir):
+    """A reader opens a shared catalog while its first writer records the model and writes vectors: the
+    reader's first look finds no model, the next finds the files. That is a new index, not a damaged one
+    (it failed once in CI, with three writers starting on one PostgreSQL catalog)."""
+    index_dir = tmp_path / "idx"
+    update_index(photo_dir, index_dir, FakeEncoder(), OPTS)
+    real = Catalog.meta
+    calls = []
+
+    def first_read_too_early(self):
+        calls.append(1)
+        return None if len(calls) == 1 else real(self)
+
+    monkeypatch.setattr(Catalog, "meta", first_read_too_early)
+    with IndexStore.open(index_dir) as store:
+        assert store.catalog.counts()["image"] == 6
+    # The model truly gone with the vector files still there stays damage.
+    monkeypatch.setattr(Catalog, "meta", lambda self: None)
+    with pytest.raises(CatalogError, match="records no index, yet image.faiss is there"):
+        IndexStore.open(index_dir)
