@@ -20,8 +20,8 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -e '.[serve,postgres,distributed,test]'
 	touch $(STAMP)
 
-# The quick suite (about 4 minutes on 2 cores); the slow one (real models end to end, kills, servers,
-# browsers, Ray: about 17 minutes) is `make test-slow`; CI runs both.
+# The quick suite (about 5 minutes on 2 cores); the slow one (real models end to end, kills, servers,
+# browsers, Ray: about 15 minutes) is `make test-slow`; CI runs both.
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
