@@ -150,21 +150,9 @@ class Backend:
 class Flat(Backend):
     kind = "flat"
 
-    def __init__(self, spec: IndexSpec, dim: int, index):
-        super().__init__(spec, dim, index)
-        self._id_array: np.ndarray | None = None  # catalog id of each stored row, for _few_queries
-
     @classmethod
     def empty(cls, spec: IndexSpec, dim: int) -> Flat:
         return cls(spec, dim, faiss.IndexIDMap2(faiss.IndexFlatIP(dim)))
-
-    def add(self, ids, vectors):
-        self._id_array = None
-        super().add(ids, vectors)
-
-    def remove(self, ids):
-        self._id_array = None
-        return super().remove(ids)
 
     def search(self, queries, k, params, allowed=None, use_gpu=False):
         gpu = None if allowed is not None else self._on_gpu(use_gpu)  # selectors are a CPU feature
@@ -189,10 +177,10 @@ class Flat(Backend):
         out_ids = np.full((len(queries), k), -1, dtype=np.int64)
         if n == 0 or k == 0:
             return out_scores, out_ids
+        # Views of faiss's own arrays, no copies: the stored rows and the catalog id of each
         base = faiss.downcast_index(self.index.index)
-        rows = faiss.rev_swig_ptr(base.get_xb(), n * self.dim).reshape(n, self.dim)  # a view, no copy
-        if self._id_array is None:
-            self._id_array = self.ids()
+        rows = faiss.rev_swig_ptr(base.get_xb(), n * self.dim).reshape(n, self.dim)
+        row_ids = faiss.rev_swig_ptr(self.index.id_map.data(), n)
         scores = as_floats(queries) @ rows.T
         depth = min(k, n)
         for q, row in enumerate(scores):
@@ -201,7 +189,7 @@ class Flat(Backend):
             tied = np.flatnonzero(row == kth)[: depth - len(above)]
             chosen = np.concatenate([above, tied])
             chosen = chosen[np.lexsort((chosen, -row[chosen]))]
-            out_scores[q, :depth], out_ids[q, :depth] = row[chosen], self._id_array[chosen]
+            out_scores[q, :depth], out_ids[q, :depth] = row[chosen], row_ids[chosen]
         return out_scores, out_ids
 
     def _overfetched(self, queries, k, allowed, share):

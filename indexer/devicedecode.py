@@ -17,6 +17,7 @@ where there is no GPU; it is the default only for a model on CUDA.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import warnings
 from collections import deque
@@ -84,23 +85,30 @@ class DeviceTransform:
         x = x.clamp_(0, 255).round_()  # PIL's resize gives 8-bit pixels: the same rounding
         top, left = (int(round((side - self.size) / 2.0)) for side in shape)
         x = x[:, top:top + self.size, left:left + self.size] / 255.0
-        mean = torch.tensor(self.mean, device=x.device).view(3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(3, 1, 1)
-        return (x - mean) / std
+        return (x - _per_channel(self.mean, x.device)) / _per_channel(self.std, x.device)
+
+
+@functools.cache
+def _per_channel(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    # Made once per device: a fresh tensor per image would be a host-to-device copy per image
+    return torch.tensor(values, device=device).view(-1, 1, 1)
+
+
+# EXIF orientation -> the turn PIL's exif_transpose makes, on (C, H, W) tensors
+_TURNS = {
+    2: lambda x: x.flip(-1),
+    3: lambda x: x.flip(-1, -2),
+    4: lambda x: x.flip(-2),
+    5: lambda x: x.transpose(-1, -2),
+    6: lambda x: torch.rot90(x, -1, (-2, -1)),
+    7: lambda x: x.transpose(-1, -2).flip(-1, -2),
+    8: lambda x: torch.rot90(x, 1, (-2, -1)),
+}
 
 
 def upright(image: torch.Tensor, orientation: int) -> torch.Tensor:
     """A (C, H, W) image turned as its EXIF ``orientation`` says (PIL's ``exif_transpose``)."""
-    turns = {
-        2: lambda x: x.flip(-1),
-        3: lambda x: x.flip(-1, -2),
-        4: lambda x: x.flip(-2),
-        5: lambda x: x.transpose(-1, -2),
-        6: lambda x: torch.rot90(x, -1, (-2, -1)),
-        7: lambda x: x.transpose(-1, -2).flip(-1, -2),
-        8: lambda x: torch.rot90(x, 1, (-2, -1)),
-    }
-    return turns[orientation](image) if orientation in turns else image
+    return _TURNS[orientation](image) if orientation in _TURNS else image
 
 
 @dataclass

@@ -88,6 +88,9 @@ def _looks_like_path(pretrained: str) -> bool:
     return os.sep in pretrained or "/" in pretrained or pretrained.lower().endswith(CHECKPOINT_SUFFIXES)
 
 
+_CREATING = threading.Lock()
+
+
 @contextmanager
 def _init_skipped(skip: bool):
     """With ``skip``, torch.nn.init's fillers do nothing while a model is built whose every weight a
@@ -110,9 +113,6 @@ def _init_skipped(skip: bool):
 
 def _unchanged(tensor, *_args, **_kwargs):
     return tensor
-
-
-_CREATING = threading.Lock()
 
 
 @contextmanager

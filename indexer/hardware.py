@@ -16,28 +16,27 @@ BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux ``/proc/cpuinfo``); empty where they cannot be read."""
+def _cpuinfo(*keys: str) -> str | None:
+    """The value of the first line of Linux's ``/proc/cpuinfo`` whose key is one of ``keys`` (the first
+    processor's); None where there is no such line or the file cannot be read."""
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return frozenset()
+        return None
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
+        if key.strip() in keys:
+            return value.strip()
+    return None
 
 
-@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (``flags`` on x86, ``Features`` on Arm); empty where they cannot be read."""
+    return frozenset((_cpuinfo("flags", "Features") or "").split())
+
+
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def bf16_units(flags: frozenset[str] | None = None) -> list[str]:

@@ -73,7 +73,7 @@ class IndexStore:
             )
         store = cls(directory, Catalog(location, read_only))
         try:
-            if store.catalog.meta() is None and not store._recorded_meanwhile():
+            if store.catalog.meta() is None and store._meta_after_files() is None:
                 if isinstance(location, str) and bound_catalog(directory) is None:  # only $CROSSMODAL_CATALOG
                     raise IndexNotFound(f"no index at {directory}: build one with `crossmodal index FOLDER "
                                         f"--index {directory}`")
@@ -109,14 +109,13 @@ class IndexStore:
         return store
 
     def _set_up(self, identity: ModelIdentity, spec: IndexSpec | None) -> None:
-        meta = self.catalog.meta()
-        if meta is None and not self._recorded_meanwhile():
+        meta = self.catalog.meta() or self._meta_after_files()
+        if meta is None:
             self.catalog.set_meta(IndexMeta(
                 identity.name, identity.pretrained, identity.checkpoint_sha256, identity.checkpoint_path,
                 identity.embed_dim, identity.open_clip_version, (spec or IndexSpec()).to_json(), utc_now()))
             self.created = True
             return
-        meta = meta or self.catalog.meta()
         identity_from_meta(meta).require_same(identity, f"add to the index at {self.directory}")
         _require_same_kind(IndexSpec.from_json(meta.index_spec), spec, self.directory)
         if identity.checkpoint_path and identity.checkpoint_path != meta.checkpoint_path:
@@ -158,18 +157,17 @@ class IndexStore:
         if lock is not None:
             self._locks.append(lock)
 
-    def _recorded_meanwhile(self) -> bool:
-        """For a catalog read as recording no model: whether it records one now (True), or still none and
-        no vector files are there (False). The model is recorded before any vector is written, so vector
+    def _meta_after_files(self) -> IndexMeta | None:
+        """For a catalog read as recording no model: the model it records now, or None when it still records
+        none and no vector files are there. The model is recorded before any vector is written, so vector
         files beside a catalog that, read after them, still records none mean it was emptied or replaced:
         CatalogDamaged. Files first, then the model: a first writer of a shared catalog may record its
         model and write its files between the caller's read and this look."""
         held = [self.vector_path(m).name for m in MODALITIES if self.vector_path(m).exists()]
-        if self.catalog.meta() is not None:
-            return True
-        if held:
+        meta = self.catalog.meta()
+        if meta is None and held:
             raise CatalogDamaged(self.catalog.where, [f"it records no index, yet {held[0]} is there"])
-        return False
+        return meta
 
     def set_spec(self, spec: IndexSpec) -> None:
         """Record the index type (after a reindex, or once auto has chosen and tuned one)."""

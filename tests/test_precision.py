@@ -4,14 +4,13 @@ and the catalog records what each vector was made in, mixing allowed."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 from conftest import make_image
+from test_e2e import crossmodal
 
 from indexer import hardware
 from indexer.encoder import default_pretrained, load_encoder, resolve_precision
@@ -91,11 +90,6 @@ def test_catalog_records_precision_and_allows_mixing(tmp_path) -> None:
     assert json.loads(crossmodal("info", "--index", index, "--json").stdout)["precisions"] == {"bf16": 4, "fp32": 2}
 
 
-def crossmodal(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "retrieval", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
-
-
 def test_precision_flag_and_env_var_reach_the_index_command(tmp_path) -> None:
     root = tmp_path / "photos"
     for i in range(3):
@@ -103,11 +97,8 @@ def test_precision_flag_and_env_var_reach_the_index_command(tmp_path) -> None:
     base = ["index", root, "--model", "crossmodal-tiny", "--pretrained", "none", "--device", "cpu", "--no-progress",
             "--json", "--index"]
     assert json.loads(crossmodal(*base, tmp_path / "a", "--precision", "bf16").stdout)["precision"] == "bf16"
-    os.environ["CROSSMODAL_PRECISION"] = "fp32"
-    try:
-        assert json.loads(crossmodal(*base, tmp_path / "b").stdout)["precision"] == "fp32"
-    finally:
-        del os.environ["CROSSMODAL_PRECISION"]
+    assert json.loads(crossmodal(*base, tmp_path / "b", env={"CROSSMODAL_PRECISION": "fp32"}).stdout)["precision"] \
+        == "fp32"
     bad = crossmodal(*base, tmp_path / "c", "--precision", "fp8")
     assert bad.returncode != 0 and "fp8" in bad.stderr and "fp32" in bad.stderr
 
